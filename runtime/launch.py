@@ -1,0 +1,542 @@
+"""Starting a container: caller -> intermediate -> init, with one control socket.
+
+The sequence (each stage sets ``PR_SET_PDEATHSIG`` and checks that its parent is still there,
+so nothing outlives a SIGKILLed caller)::
+
+    caller        fork ──────────────┐
+                                     intermediate: [unshare user ns -> "userns" -> wait "mapped"]
+    caller        write id maps      unshare mnt/uts/ipc/net/cgroup/pid
+                  send "mapped"      fork ──────────────┐
+                                     send "init" pid    init (PID 1): mounts, pivot_root,
+                                     wait, mirror exit  hostname, loopback, user, privileges,
+                                                        then: exec | spawn + reap | callable
+
+The intermediate mirrors the init's exit (code, or the same signal), so the caller's
+``waitpid`` says exactly how the container ended. Any failure in a stage is sent as
+``{"t": "error", "stage", "errno", "detail"}`` and the stage exits: a container never runs its
+workload half-isolated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import pickle
+import resource
+import select
+import shutil
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime import _sys, control, process, rootfs
+from runtime.errors import (
+    CallableError,
+    ContainerError,
+    ExecError,
+    IdMapError,
+    SetupError,
+)
+from runtime.idmap import IdMapPlan, apply_idmap
+
+FORWARDED_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGCONT,
+)
+SETUP_FAILED = 125
+"""Exit code of a stage that failed before the workload ran (docker uses 125 for this too)."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything the stage processes need, decided by the engine before forking."""
+
+    ns_flags: int
+    idmap: IdMapPlan | None
+    mounts: tuple[rootfs.Op, ...]
+    hostname: str
+    argv: tuple[str, ...] | None
+    env: dict[str, str]
+    cwd: str
+    user: str | None
+    caps: int
+    tty: bool = False
+    init: bool = True
+    pass_fds: tuple[int, ...] = ()
+    close_fds: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a container's process ended: an exit ``code`` or a terminating ``signal``."""
+
+    code: int | None
+    signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """Docker's single number: the code, or 128 + the signal."""
+        return self.code if self.code is not None else 128 + (self.signal or 0)
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            return cls(None, os.WTERMSIG(status))
+        return cls(os.WEXITSTATUS(status))
+
+    def __str__(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with code {self.code}"
+
+
+class ContainerProcess:
+    """A started container: its stage processes, control socket and (with a tty) pty master."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.init_pid: int | None = None
+        self.workload_pid: int | None = None
+        self.sock = sock
+        self.pty_master: int | None = None
+        self._status: ExitStatus | None = None
+        self._pidfd: int | None = None
+
+    @property
+    def returncode(self) -> ExitStatus | None:
+        return self._status
+
+    def _handle(self, msg: dict[str, Any] | bytes | None) -> None:
+        if not isinstance(msg, dict):
+            return
+        t = msg.get("t")
+        if t == "init":
+            self.init_pid = msg["pid"]
+        elif t == "error":
+            raise _error_from(msg)
+
+    def wait_ready(self, idmap: IdMapPlan | None) -> None:
+        """Drive the handshake until the workload is running; raise the child's setup error."""
+        if idmap is not None:
+            msg = control.recv(self.sock)
+            self._handle(msg)
+            if not (isinstance(msg, dict) and msg.get("t") == "userns"):
+                self._fail_early("the intermediate process died before its user namespace existed")
+            apply_idmap(self.pid, idmap)
+        control.send(self.sock, {"t": "go"})
+        while True:
+            msg = control.recv(self.sock)
+            if msg is None:
+                self._fail_early("the container died during setup")
+            self._handle(msg)
+            if isinstance(msg, dict) and msg.get("t") == "ready":
+                self.workload_pid = msg.get("pid")
+                if msg.get("pty"):
+                    _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
+                    self.pty_master = fds[0]
+                if self.init_pid is None:
+                    # The intermediate's "init" frame is in flight; it comes before any exit.
+                    self._handle(control.recv(self.sock))
+                return
+
+    def _fail_early(self, what: str) -> None:
+        status = self.wait()
+        raise SetupError("start", 0, f"{what} ({status})")
+
+    def fileno_for_wait(self) -> int:
+        if self._pidfd is None:
+            self._pidfd = os.pidfd_open(self.pid)
+        return self._pidfd
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """Wait for the container to end; ``TimeoutError`` after ``timeout`` seconds."""
+        if self._status is not None:
+            return self._status
+        if timeout is not None:
+            ready, _, _ = select.select([self.fileno_for_wait()], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"container still running after {timeout} s")
+        _, status = _waitpid(self.pid)
+        result = ExitStatus.from_wait_status(status)
+        # The init reports a workload's death by signal itself: as PID 1 it cannot re-raise it.
+        with contextlib.suppress(OSError):
+            self.sock.setblocking(False)
+            while True:
+                msg = control.recv(self.sock)
+                if msg is None:
+                    break
+                if isinstance(msg, dict) and msg.get("t") == "exit" and msg.get("signal"):
+                    result = ExitStatus(None, msg["signal"])
+        self._status = result
+        self.close()
+        return result
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the container. SIGKILL goes to PID 1, which takes the whole pid namespace down."""
+        target = self.init_pid if self.init_pid else self.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, sig)
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in (self._pidfd, self.pty_master):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._pidfd = self.pty_master = None
+
+
+def _waitpid(pid: int) -> tuple[int, int]:
+    while True:
+        try:
+            return os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+
+
+def _error_from(msg: dict[str, Any]) -> ContainerError:
+    if msg.get("kind") == "exec":
+        return ExecError(msg.get("argv0", "?"), msg.get("errno", 0), msg.get("detail", ""))
+    if msg.get("kind") == "spec":
+        return SetupError(msg["stage"], 0, msg.get("detail", ""))
+    cls = IdMapError if msg.get("stage") == "userns" else SetupError
+    return cls(msg.get("stage", "?"), msg.get("errno", 0), msg.get("detail", ""))
+
+
+def start(
+    plan: LaunchPlan,
+    stdio: Sequence[int | None] = (None, None, None),
+    target: Callable[[], Any] | None = None,
+) -> ContainerProcess:
+    """Fork the stages of a container and return once its workload runs (or raise why not)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    caller = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        parent_sock.close()
+        _intermediate(plan, child_sock, caller, stdio, target)
+    child_sock.close()
+    proc = ContainerProcess(pid, parent_sock)
+    try:
+        proc.wait_ready(plan.idmap)
+    except BaseException:
+        proc.kill()
+        with contextlib.suppress(ChildProcessError):
+            proc.wait()
+        raise
+    return proc
+
+
+class _Stage:
+    """Reports the failing stage and errno on the control socket, then exits."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.name = "start"
+
+    def fail(self, exc: BaseException) -> None:
+        msg: dict[str, Any] = {"t": "error", "stage": self.name, "errno": 0, "detail": str(exc)}
+        if isinstance(exc, ExecError):
+            msg.update(kind="exec", argv0=exc.argv0, errno=exc.errno, detail="")
+        elif isinstance(exc, OSError):
+            msg.update(errno=exc.errno or 0, detail=exc.strerror or str(exc))
+        elif isinstance(exc, ValueError):
+            msg.update(kind="spec")
+        with contextlib.suppress(OSError):
+            control.send(self.sock, msg)
+        os._exit(SETUP_FAILED)
+
+
+def _set_pdeathsig_or_exit(parent_alive: Callable[[], bool]) -> None:
+    _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not parent_alive():  # the parent died between fork and prctl
+        os._exit(SETUP_FAILED)
+
+
+def _intermediate(
+    plan: LaunchPlan,
+    sock: socket.socket,
+    caller: int,
+    stdio: Sequence[int | None],
+    target: Callable[[], Any] | None,
+) -> None:  # pragma: no cover - runs in the child
+    stage = _Stage(sock)
+    try:
+        _set_pdeathsig_or_exit(lambda: os.getppid() == caller)
+        _setup_stdio(stdio)
+        if plan.idmap is not None:
+            stage.name = "userns"
+            _sys.unshare(_sys.CLONE_NEWUSER)
+            control.send(sock, {"t": "userns"})
+        if not _expect(sock, "go"):
+            os._exit(SETUP_FAILED)
+        stage.name = "namespaces"
+        _sys.unshare(plan.ns_flags)
+        alive_r, alive_w = os.pipe()
+        stage.name = "fork init"
+        pid = os.fork()
+        if pid == 0:
+            os.close(alive_w)
+            _init(plan, sock, alive_r, target)
+        os.close(alive_r)
+        control.send(sock, {"t": "init", "pid": pid})
+    except BaseException as e:
+        stage.fail(e)
+    sock.close()
+    _mirror_exit(pid)
+
+
+def _expect(sock: socket.socket, what: str) -> bool:
+    msg = control.recv(sock)
+    return isinstance(msg, dict) and msg.get("t") == what
+
+
+def _setup_stdio(stdio: Sequence[int | None]) -> None:
+    # Duplicate above 2 first, so that a target fd that is itself 0..2 is not clobbered.
+    high = [None if fd is None else os.dup(fd) for fd in stdio]
+    for i, fd in enumerate(high):
+        if fd is not None:
+            os.dup2(fd, i)
+            os.close(fd)
+
+
+def _mirror_exit(pid: int) -> None:  # pragma: no cover - runs in the child
+    """Exit exactly as ``pid`` did, so the caller's waitpid sees the container's own status."""
+    _, status = _waitpid(pid)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else SETUP_FAILED)
+
+
+def _init(
+    plan: LaunchPlan, sock: socket.socket, alive_r: int, target: Callable[[], Any] | None
+) -> None:  # pragma: no cover - runs in the child
+    stage = _Stage(sock)
+    try:
+        _set_pdeathsig_or_exit(lambda: _pipe_open(alive_r))
+        stage.name = "mounts"
+        rootfs.apply(plan.mounts, _sys.RealSyscalls())
+        stage.name = "hostname"
+        socket.sethostname(plan.hostname)
+        stage.name = "network"
+        _sys.set_loopback_up()
+        stage.name = "user"
+        user = process.resolve_user(
+            plan.user, process.read_text("/etc/passwd"), process.read_text("/etc/group")
+        )
+        env = process.container_env(plan.env, user, plan.hostname, plan.tty)
+        stage.name = "workdir"
+        os.makedirs(plan.cwd, exist_ok=True)
+        os.chdir(plan.cwd)
+        master = slave_path = None
+        if plan.tty:
+            stage.name = "tty"
+            master, slave = os.openpty()
+            slave_path = os.ttyname(slave)
+            os.close(slave)
+        stage.name = "close fds"
+        keep = {0, 1, 2, sock.fileno(), alive_r, *plan.pass_fds}
+        if master is not None:
+            keep.add(master)
+        if plan.close_fds:
+            _close_fds_except(keep)
+        for fd in plan.pass_fds:
+            os.set_inheritable(fd, True)
+        exe = None
+        if plan.argv is not None:
+            stage.name = "exec"
+            exe = _find_executable(plan.argv[0], env.get("PATH", ""))
+        stage.name = "privileges"
+        if slave_path is not None:
+            os.chown(slave_path, user.uid, user.gid)
+        process.drop_privileges(user, plan.caps)
+        if target is not None:
+            _run_callable(sock, target)
+        if plan.argv is None:
+            _idle(sock)
+        assert exe is not None
+        if plan.init:
+            stage.name = "spawn"
+            _spawn_and_reap(plan, sock, exe, env, master, slave_path)
+        stage.name = "exec"
+        if slave_path is not None:
+            os.setsid()
+            fd = os.open(slave_path, os.O_RDWR)
+            for i in range(3):
+                os.dup2(fd, i)
+            _send_ready(sock, None, master)
+        else:
+            _send_ready(sock, None, None)
+        _reset_signals()
+        os.execve(exe, list(plan.argv), env)
+    except BaseException as e:
+        stage.fail(e)
+
+
+def _pipe_open(fd: int) -> bool:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1) != b""
+    except BlockingIOError:
+        return True
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _find_executable(argv0: str, path: str) -> str:
+    """Resolve ``argv0`` with the container's ``PATH``, as docker does before exec."""
+    if "/" in argv0:
+        if not os.path.exists(argv0):
+            raise ExecError(argv0, errno_mod.ENOENT, "no such file or directory")
+        return argv0
+    found = shutil.which(argv0, path=path)
+    if found is None:
+        raise ExecError(argv0, errno_mod.ENOENT, "executable file not found in $PATH")
+    return found
+
+
+def _send_ready(sock: socket.socket, pid: int | None, master: int | None) -> None:
+    control.send(sock, {"t": "ready", "pid": pid, "pty": master is not None})
+    if master is not None:
+        socket.send_fds(sock, [b"m"], [master])
+        os.close(master)
+
+
+def _reset_signals() -> None:
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _spawn_and_reap(
+    plan: LaunchPlan,
+    sock: socket.socket,
+    exe: str,
+    env: dict[str, str],
+    master: int | None,
+    slave_path: str | None,
+) -> None:  # pragma: no cover - runs in the child
+    """PID 1 as a tiny init: spawn the workload as PID 2, forward signals, reap everything."""
+    assert plan.argv is not None
+    actions: list[tuple[Any, ...]] = []
+    if slave_path is not None:
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, slave_path, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+    try:
+        child = os.posix_spawn(
+            exe,
+            list(plan.argv),
+            env,
+            file_actions=actions,
+            setsid=slave_path is not None,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS),
+            setsigmask=(),
+        )
+    except OSError as e:
+        raise ExecError(plan.argv[0], e.errno or 0) from e
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda s, _f: _forward(child, s))
+    _send_ready(sock, child, master)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(SETUP_FAILED)
+        if pid == child:
+            break
+    if os.WIFSIGNALED(status):
+        with contextlib.suppress(OSError):
+            control.send(sock, {"t": "exit", "signal": os.WTERMSIG(status)})
+        os._exit(128 + os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status))
+
+
+def _idle(sock: socket.socket) -> None:  # pragma: no cover - runs in the child
+    """PID 1 of a container that waits for ``exec``: reap orphans until SIGTERM or SIGKILL."""
+    signal.signal(signal.SIGTERM, lambda _s, _f: os._exit(0))
+    signal.signal(signal.SIGINT, lambda _s, _f: os._exit(0))
+    signal.signal(signal.SIGCHLD, lambda _s, _f: None)  # so that pause() returns to reap
+    _send_ready(sock, None, None)
+    sock.close()
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            signal.pause()
+
+
+def _forward(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _run_callable(sock: socket.socket, target: Callable[[], Any]) -> None:  # pragma: no cover
+    """Run ``target`` as PID 1 and send its result or exception back; never returns."""
+    _send_ready(sock, None, None)
+    code = 0
+    try:
+        result = target()
+        payload = pickle.dumps(("ok", result))
+    except BaseException as e:
+        code = 1
+        tb = traceback.format_exc()
+        try:
+            payload = pickle.dumps(("raise", e, tb))
+        except Exception:
+            payload = pickle.dumps(("error", type(e).__qualname__, str(e), tb))
+    try:
+        control.send_blob(sock, payload)
+    except Exception:
+        code = SETUP_FAILED
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def callable_result(proc: ContainerProcess, timeout: float | None = None) -> Any:
+    """Read what :func:`_run_callable` sent: return the value or raise the exception."""
+    if timeout is not None:
+        ready, _, _ = select.select([proc.sock], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"callable still running after {timeout} s")
+    payload = control.recv(proc.sock)
+    status = proc.wait()
+    if not isinstance(payload, bytes):
+        raise ContainerError(f"the container ended without a result ({status})")
+    outcome = pickle.loads(payload)
+    if outcome[0] == "ok":
+        return outcome[1]
+    if outcome[0] == "raise":
+        exc = outcome[1]
+        exc.__notes__ = [*getattr(exc, "__notes__", []), f"Remote traceback:\n{outcome[2]}"]
+        raise exc
+    raise CallableError(outcome[1], outcome[2], outcome[3])

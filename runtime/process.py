@@ -1,0 +1,198 @@
+"""The container's process: who it runs as, with which environment and capabilities.
+
+Resolution is pure (it takes the text of the container's ``/etc/passwd`` and ``/etc/group``);
+:func:`drop_privileges` applies the result in the child, after ``pivot_root``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from runtime import _sys
+from runtime.errors import SpecError
+
+CAPS = {
+    name: i
+    for i, name in enumerate(
+        [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "DAC_READ_SEARCH",
+            "FOWNER",
+            "FSETID",
+            "KILL",
+            "SETGID",
+            "SETUID",
+            "SETPCAP",
+            "LINUX_IMMUTABLE",
+            "NET_BIND_SERVICE",
+            "NET_BROADCAST",
+            "NET_ADMIN",
+            "NET_RAW",
+            "IPC_LOCK",
+            "IPC_OWNER",
+            "SYS_MODULE",
+            "SYS_RAWIO",
+            "SYS_CHROOT",
+            "SYS_PTRACE",
+            "SYS_PACCT",
+            "SYS_ADMIN",
+            "SYS_BOOT",
+            "SYS_NICE",
+            "SYS_RESOURCE",
+            "SYS_TIME",
+            "SYS_TTY_CONFIG",
+            "MKNOD",
+            "LEASE",
+            "AUDIT_WRITE",
+            "AUDIT_CONTROL",
+            "SETFCAP",
+            "MAC_OVERRIDE",
+            "MAC_ADMIN",
+            "SYSLOG",
+            "WAKE_ALARM",
+            "BLOCK_SUSPEND",
+            "AUDIT_READ",
+            "PERFMON",
+            "BPF",
+            "CHECKPOINT_RESTORE",
+        ]
+    )
+}
+
+DEFAULT_CAPS = frozenset(
+    [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    ]
+)
+"""Docker's default set: enough for package managers and servers, no SYS_ADMIN."""
+
+
+def cap_mask(names: frozenset[str] | set[str]) -> int:
+    mask = 0
+    for name in names:
+        key = name.upper().removeprefix("CAP_")
+        if key not in CAPS:
+            raise SpecError(f"unknown capability {name!r}")
+        mask |= 1 << CAPS[key]
+    return mask
+
+
+@dataclass(frozen=True)
+class User:
+    """A resolved user: ids, supplementary groups and home."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    name: str
+
+
+def _passwd_entries(text: str) -> list[list[str]]:
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def resolve_user(spec: str | None, passwd: str, group: str) -> User:
+    """Resolve docker's ``USER`` forms: ``name``, ``uid``, ``name:group``, ``uid:gid``.
+
+    A numeric uid that ``/etc/passwd`` does not know is allowed (docker allows it) with gid 0
+    and home ``/``; an unknown *name* is an error.
+    """
+    user_part, _, group_part = (spec or "0").partition(":")
+    users = _passwd_entries(passwd)
+    groups = _passwd_entries(group)
+    entry = next(
+        (e for e in users if len(e) >= 7 and (e[0] == user_part or e[2] == user_part)), None
+    )
+    if entry is not None:
+        uid, gid, home, name = int(entry[2]), int(entry[3]), entry[5] or "/", entry[0]
+    elif user_part.isdigit():
+        uid, gid, home, name = int(user_part), 0, "/", user_part
+    else:
+        raise SpecError(f"unable to find user {user_part!r}: no matching entries in /etc/passwd")
+    if group_part:
+        g = next(
+            (e for e in groups if len(e) >= 3 and (e[0] == group_part or e[2] == group_part)), None
+        )
+        if g is not None:
+            gid = int(g[2])
+        elif group_part.isdigit():
+            gid = int(group_part)
+        else:
+            raise SpecError(
+                f"unable to find group {group_part!r}: no matching entries in /etc/group"
+            )
+        extra: tuple[int, ...] = ()
+    else:
+        extra = tuple(
+            sorted(
+                {
+                    int(e[2])
+                    for e in groups
+                    if len(e) >= 4
+                    and e[2].isdigit()
+                    and name in e[3].split(",")
+                    and int(e[2]) != gid
+                }
+            )
+        )
+    return User(uid, gid, extra, home, name)
+
+
+def container_env(env: Mapping[str, str], user: User, hostname: str, tty: bool) -> dict[str, str]:
+    """The environment the process gets: the spec's, plus what docker always sets."""
+    out = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    out["HOSTNAME"] = hostname
+    out.update(env)
+    out.setdefault("HOME", user.home)
+    if tty:
+        out.setdefault("TERM", "xterm")
+    return out
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def drop_privileges(user: User, caps: int) -> None:
+    """No new privileges, a reduced bounding set, then the user's ids.
+
+    Order matters: the bounding set needs CAP_SETPCAP, which ``setuid`` to a non-root user
+    removes; ``no_new_privs`` makes setuid binaries and file capabilities inert after exec.
+    """
+    _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
+    _sys.drop_bounding_caps(caps)
+    try:
+        _sys.prctl(_sys.PR_CAP_AMBIENT, _sys.PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass
+    try:
+        os.setgroups(list(user.groups))
+    except PermissionError:
+        # A single-id user namespace has setgroups denied; with no groups to set, that is fine.
+        if user.groups:
+            raise
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+    if user.uid == 0:
+        _sys.capset(caps, caps, 0)

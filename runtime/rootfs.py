@@ -1,0 +1,440 @@
+"""The container's root filesystem: a pure plan of mounts, and a short loop that applies it.
+
+The plan is a list of :data:`Op` values computed from the spec, the container's state paths and
+the host's mount table. :func:`apply` runs them through a :class:`~runtime._sys.Syscalls`, so unit
+tests can check the exact order and arguments with a recording fake.
+
+The host image ("host") is the host's ``/`` as the read-only lower layer. As root one overlay with
+``lowerdir=/`` does it (plus one per data filesystem mounted below ``/``). Inside a user namespace
+the kernel refuses to use a directory with locked submounts as a lower layer ("failed to clone
+lowerpath"), so the root is *split*: a small skeleton of the top-level entries is the root layer,
+and each top-level directory gets its own overlay.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from runtime import _sys
+from runtime._sys import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
+from runtime.spec import BindMount, ContainerSpec, TmpfsMount
+
+PSEUDO_FS = frozenset(
+    [
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "tmpfs",
+        "cgroup",
+        "cgroup2",
+        "mqueue",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "hugetlbfs",
+        "autofs",
+        "binfmt_misc",
+        "efivarfs",
+        "nsfs",
+        "rpc_pipefs",
+        "ramfs",
+        "selinuxfs",
+        "fuse.gvfsd-fuse",
+        "fuse.portal",
+    ]
+)
+"""Filesystem types that are not data: a container gets its own instance or nothing."""
+
+PROVIDED = ("/proc", "/sys", "/dev")
+"""Host paths a container never sees: it gets fresh instances."""
+
+FRESH_TMPFS_ON_HOST_IMAGE = ("/tmp", "/run")
+"""On the host image these are fresh and empty, as on a new machine."""
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_SYMLINKS = (
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+    ("pts/ptmx", "ptmx"),
+    ("/proc/kcore", "core"),
+)
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+@dataclass(frozen=True)
+class HostMount:
+    """One line of ``/proc/self/mountinfo`` that matters here."""
+
+    target: str
+    fstype: str
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container."""
+
+    target: str
+    lowers: tuple[str, ...]
+    upper: str
+    work: str
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str | None
+    target: str
+    fstype: str | None
+    flags: int = 0
+    data: str | None = None
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+
+
+@dataclass(frozen=True)
+class MountPoint:
+    """Create ``path`` as a directory or an empty file, like ``source`` on the host."""
+
+    path: str
+    like: str
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+    path: str
+
+
+@dataclass(frozen=True)
+class RemountReadOnly:
+    """Bind-remount ``path`` read-only, keeping the flags the kernel locked (rootless).
+
+    With ``bind_first`` the path is first bound onto itself (to make it a mount of its own), and a
+    path that does not exist is skipped: kernels differ in what ``/proc`` holds.
+    """
+
+    path: str
+    bind_first: bool = False
+
+
+@dataclass(frozen=True)
+class MaskPath:
+    """Hide ``path``: /dev/null over a file, an empty read-only tmpfs over a directory."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class PivotRoot:
+    new_root: str
+
+
+Op = Mount | Mkdir | MountPoint | Symlink | RemountReadOnly | MaskPath | PivotRoot
+
+
+def parse_mountinfo(text: str) -> list[HostMount]:
+    """The mount points and filesystem types of a ``/proc/PID/mountinfo`` text."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        if len(fields) < 5:
+            continue
+        target = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        mounts.append(HostMount(target, right.split()[0]))
+    return mounts
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def data_mounts(mounts: Iterable[HostMount]) -> list[str]:
+    """Host mount points below ``/`` that hold data a container should see (sorted, parents first)."""
+    seen: dict[str, str] = {}
+    for m in mounts:
+        seen[m.target] = m.fstype  # a later mount on the same point hides the earlier one
+    out = []
+    for target, fstype in seen.items():
+        if target == "/" or fstype in PSEUDO_FS:
+            continue
+        if any(_under(target, p) for p in PROVIDED):
+            continue
+        out.append(target)
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Where one container's writable state lives on the host."""
+
+    root: str
+
+    @property
+    def rootfs(self) -> str:
+        return f"{self.root}/rootfs"
+
+    @property
+    def skeleton(self) -> str:
+        return f"{self.root}/skeleton"
+
+    def upper(self, index: int) -> str:
+        return f"{self.root}/upper/{index}"
+
+    def work(self, index: int) -> str:
+        return f"{self.root}/work/{index}"
+
+    def etc_file(self, name: str) -> str:
+        return f"{self.root}/etc/{name}"
+
+
+def plan_overlays(
+    lowers: Sequence[str],
+    host: bool,
+    host_data_mounts: Sequence[str],
+    host_top_dirs: Sequence[str],
+    split: bool,
+    state: StatePaths,
+) -> list[Overlay]:
+    """The overlay mounts that make the root filesystem, in mount order.
+
+    ``host_top_dirs`` are the top-level directories of the host's ``/`` (used when ``split``).
+    """
+    overlays: list[Overlay] = []
+
+    def add(target: str, layer_lowers: tuple[str, ...]) -> None:
+        i = len(overlays)
+        overlays.append(Overlay(target, layer_lowers, state.upper(i), state.work(i)))
+
+    if not host:
+        add("/", tuple(lowers))
+        return overlays
+    if not split:
+        add("/", (*lowers, "/"))
+        for target in host_data_mounts:
+            add(target, (target,))
+        return overlays
+    add("/", (*lowers, state.skeleton))
+    mounted_below = {m for m in host_data_mounts}
+    for name in host_top_dirs:
+        path = "/" + name
+        if path in PROVIDED or path in FRESH_TMPFS_ON_HOST_IMAGE:
+            continue
+        if any(_under(m, path) and m != path for m in mounted_below):
+            # A directory with submounts of its own cannot be a lower layer rootless; its
+            # data submounts still get overlays below, its own files are not shown.
+            continue
+        add(
+            path, tuple(f"{low}{path}" for low in lowers if os.path.isdir(f"{low}{path}")) + (path,)
+        )
+    for target in host_data_mounts:
+        if target.count("/") > 1 or target not in {"/" + n for n in host_top_dirs}:
+            add(target, (target,))
+    return overlays
+
+
+def overlay_options(ov: Overlay, userxattr: bool) -> str:
+    def esc(p: str) -> str:
+        return p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+    opts = f"lowerdir={':'.join(esc(p) for p in ov.lowers)},upperdir={esc(ov.upper)},workdir={esc(ov.work)}"
+    if userxattr:
+        opts += ",userxattr"
+    return opts
+
+
+def plan_mounts(
+    spec: ContainerSpec,
+    overlays: Sequence[Overlay],
+    state: StatePaths,
+    rootless: bool,
+) -> list[Op]:
+    """Every step from a private mount namespace to a pivoted, locked-down root."""
+    r = state.rootfs
+    nosuid_nodev_noexec = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    ops: list[Op] = [Mount(None, "/", None, MS_REC | MS_PRIVATE)]
+    for ov in overlays:
+        target = r if ov.target == "/" else r + ov.target
+        if ov.target != "/":
+            ops.append(Mkdir(target))
+        ops.append(Mount("overlay", target, "overlay", 0, overlay_options(ov, rootless)))
+    if spec.rootfs.host:
+        for path in FRESH_TMPFS_ON_HOST_IMAGE:
+            ops.append(Mkdir(r + path))
+            mode = "1777" if path == "/tmp" else "755"
+            ops.append(Mount("tmpfs", r + path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}"))
+    ops += [
+        Mkdir(r + "/proc"),
+        Mount("proc", r + "/proc", "proc", nosuid_nodev_noexec),
+        Mkdir(r + "/dev"),
+        Mount("tmpfs", r + "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
+    ]
+    for dev in DEVICES:
+        ops += [
+            MountPoint(f"{r}/dev/{dev}", "/dev/null"),
+            Mount(f"/dev/{dev}", f"{r}/dev/{dev}", None, MS_BIND),
+        ]
+    ops += [Symlink(target, f"{r}/dev/{name}") for target, name in DEV_SYMLINKS]
+    ops += [
+        Mkdir(r + "/dev/pts"),
+        Mount(
+            "devpts",
+            r + "/dev/pts",
+            "devpts",
+            MS_NOSUID | MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        Mkdir(r + "/dev/shm"),
+        Mount("shm", r + "/dev/shm", "tmpfs", nosuid_nodev_noexec, "mode=1777,size=65536k"),
+        Mkdir(r + "/dev/mqueue"),
+        Mount("mqueue", r + "/dev/mqueue", "mqueue", nosuid_nodev_noexec),
+        Mkdir(r + "/sys"),
+        Mount("sysfs", r + "/sys", "sysfs", nosuid_nodev_noexec | MS_RDONLY),
+    ]
+    for name in ("hostname", "hosts", "resolv.conf"):
+        target = f"{r}/etc/{name}"
+        ops += [
+            MountPoint(target, state.etc_file(name)),
+            Mount(state.etc_file(name), target, None, MS_BIND),
+        ]
+    ops += _user_mounts(r, spec.binds, spec.tmpfs)
+    ops += [MaskPath(r + p) for p in MASKED_PATHS]
+    for p in READONLY_PATHS:
+        ops.append(RemountReadOnly(r + p, bind_first=True))
+    ops.append(PivotRoot(r))
+    if spec.read_only:
+        ops.append(RemountReadOnly("/"))
+    return ops
+
+
+def _user_mounts(r: str, binds: Sequence[BindMount], tmpfs: Sequence[TmpfsMount]) -> list[Op]:
+    ops: list[Op] = []
+    # Shorter targets first, so a mount inside another mount's target is not hidden by it.
+    for b in sorted(binds, key=lambda b: b.target.count("/")):
+        ops += [
+            MountPoint(r + b.target, b.source),
+            Mount(b.source, r + b.target, None, MS_BIND | MS_REC),
+        ]
+        if b.readonly:
+            ops.append(RemountReadOnly(r + b.target))
+    for t in tmpfs:
+        ops += [
+            Mkdir(r + t.target),
+            Mount("tmpfs", r + t.target, "tmpfs", MS_NOSUID | MS_NODEV, t.options),
+        ]
+    return ops
+
+
+def skeleton_entries(host_root: str = "/") -> list[tuple[str, str | None]]:
+    """Top-level entries of the host's root for the split host image: (name, symlink target or None)."""
+    out: list[tuple[str, str | None]] = []
+    with os.scandir(host_root) as it:
+        for entry in it:
+            if entry.is_symlink():
+                out.append((entry.name, os.readlink(entry.path)))
+            elif entry.is_dir(follow_symlinks=False):
+                out.append((entry.name, None))
+    return sorted(out)
+
+
+def apply(ops: Iterable[Op], sys: _sys.Syscalls) -> None:
+    """Run a mount plan. Stops at the first error, which names the op."""
+    for op in ops:
+        try:
+            _apply_one(op, sys)
+        except OSError as e:
+            raise OSError(e.errno, f"{type(op).__name__} {_describe(op)}: {e.strerror}") from e
+
+
+def _describe(op: Op) -> str:
+    if isinstance(op, Mount):
+        return f"{op.fstype or 'bind'} {op.source} on {op.target}"
+    if isinstance(op, Symlink):
+        return f"{op.path} -> {op.target}"
+    if isinstance(op, PivotRoot):
+        return op.new_root
+    return op.path
+
+
+def _apply_one(op: Op, sys: _sys.Syscalls) -> None:
+    if isinstance(op, Mount):
+        sys.mount(op.source, op.target, op.fstype, op.flags, op.data)
+    elif isinstance(op, Mkdir):
+        sys.mkdir(op.path)
+    elif isinstance(op, MountPoint):
+        if os.path.isdir(op.like):
+            sys.mkdir(op.path)
+        else:
+            sys.touch(op.path)
+    elif isinstance(op, Symlink):
+        sys.symlink(op.target, op.path)
+    elif isinstance(op, RemountReadOnly):
+        if op.bind_first:
+            if not os.path.lexists(op.path):
+                return
+            sys.mount(op.path, op.path, None, MS_BIND | MS_REC, None)
+        flags = _locked_flags(op.path)
+        sys.mount(None, op.path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
+    elif isinstance(op, MaskPath):
+        if not os.path.lexists(op.path):
+            return
+        if os.path.isdir(op.path):
+            sys.mount("tmpfs", op.path, "tmpfs", MS_RDONLY, None)
+        else:
+            sys.mount("/dev/null", op.path, None, MS_BIND, None)
+    elif isinstance(op, PivotRoot):
+        sys.chdir(op.new_root)
+        sys.pivot_root(".", ".")
+        sys.umount2(".", MNT_DETACH)
+        sys.chdir("/")
+
+
+def _locked_flags(path: str) -> int:
+    """Flags a read-only bind remount must repeat, or the kernel refuses it in a user namespace."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    flags = 0
+    for bit in (MS_NOSUID, MS_NODEV, MS_NOEXEC):
+        if st.f_flag & bit:
+            flags |= bit
+    # ST_NOATIME / ST_NODIRATIME / ST_RELATIME share values with the MS_ flags.
+    flags |= st.f_flag & (_sys.MS_NOATIME | _sys.MS_NODIRATIME | _sys.MS_RELATIME)
+    return flags
