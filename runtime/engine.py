@@ -53,8 +53,12 @@ class Engine:
         self._swept = False
 
     @functools.cached_property
+    def _host_mount_table(self) -> list[rootfs.HostMount]:
+        return rootfs.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+    @functools.cached_property
     def _host_mounts(self) -> list[str]:
-        return rootfs.data_mounts(rootfs.parse_mountinfo(Path("/proc/self/mountinfo").read_text()))
+        return rootfs.data_mounts(self._host_mount_table)
 
     @functools.cached_property
     def _host_top(self) -> list[tuple[str, str | None]]:
@@ -91,6 +95,7 @@ class Engine:
                 [name for name, link in self._host_top if link is None],
                 split=userns,
                 state=paths,
+                host_mount_points=[m.target for m in self._host_mount_table],
             )
             _prepare_state(paths, overlays, spec, self._host_top if userns else [])
             plan = LaunchPlan(

@@ -84,9 +84,8 @@ class ExecError(ContainerError):
     def __init__(self, argv0: str, err: int, detail: str = "") -> None:
         self.argv0 = argv0
         self.errno = err
-        text = f"cannot execute {argv0!r} in the container: {os.strerror(err)}"
-        if detail:
-            text += f" ({detail})"
+        self.detail = detail
+        text = f"cannot execute {argv0!r} in the container: {detail or os.strerror(err)}"
         super().__init__(text)
 
 

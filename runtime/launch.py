@@ -252,7 +252,7 @@ class _Stage:
     def fail(self, exc: BaseException) -> None:
         msg: dict[str, Any] = {"t": "error", "stage": self.name, "errno": 0, "detail": str(exc)}
         if isinstance(exc, ExecError):
-            msg.update(kind="exec", argv0=exc.argv0, errno=exc.errno, detail="")
+            msg.update(kind="exec", argv0=exc.argv0, errno=exc.errno, detail=exc.detail)
         elif isinstance(exc, OSError):
             msg.update(errno=exc.errno or 0, detail=exc.strerror or str(exc))
         elif isinstance(exc, ValueError):

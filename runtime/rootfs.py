@@ -231,10 +231,12 @@ def plan_overlays(
     host_top_dirs: Sequence[str],
     split: bool,
     state: StatePaths,
+    host_mount_points: Sequence[str] = (),
 ) -> list[Overlay]:
     """The overlay mounts that make the root filesystem, in mount order.
 
-    ``host_top_dirs`` are the top-level directories of the host's ``/`` (used when ``split``).
+    ``host_top_dirs`` are the top-level directories of the host's ``/`` and
+    ``host_mount_points`` every mount point of the host, data or not (both used when ``split``).
     """
     overlays: list[Overlay] = []
 
@@ -251,7 +253,7 @@ def plan_overlays(
             add(target, (target,))
         return overlays
     add("/", (*lowers, state.skeleton))
-    mounted_below = {m for m in host_data_mounts}
+    mounted_below = set(host_mount_points) | set(host_data_mounts)
     for name in host_top_dirs:
         path = "/" + name
         if path in PROVIDED or path in FRESH_TMPFS_ON_HOST_IMAGE:
