@@ -1,1 +1,157 @@
-"""pytest11 entry point of pytest-isolate (the plugin itself lands with its own issue)."""
+"""The pytest11 entry point: options, ini keys, markers, and the hooks that route tests.
+
+``-p no:isolate`` disables all of it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_isolate import options, session
+from runtime import Engine
+from runtime.errors import IsolateError
+from runtime.spec import HOST
+
+INTERACTIVE = ("usepdb", "trace")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("isolate", "hermetic containers (pytest-isolate)")
+    group.addoption(
+        "--isolate",
+        action="store_true",
+        default=None,
+        help="run every test in its own container (opt out with @pytest.mark.container(False))",
+    )
+    group.addoption(
+        "--no-isolate",
+        action="store_true",
+        default=False,
+        help="run every test in this process, ignoring --isolate and container markers (debugging)",
+    )
+    group.addoption(
+        "--isolate-image", default=None, help="default image for isolated tests (default: host)"
+    )
+    group.addoption(
+        "--isolate-timeout", type=float, default=None, help="default per-test timeout in seconds"
+    )
+    group.addoption("--isolate-store", default=None, help="image store directory")
+    group.addoption(
+        "--isolate-unsupported",
+        choices=("fail", "skip"),
+        default=None,
+        help="when this host cannot run containers: fail at start (default) or skip isolated tests",
+    )
+    group.addoption(
+        "--isolate-mem-limit",
+        default=None,
+        help="memory limit per test (pytest-isolate compatible)",
+    )
+    group.addoption(
+        "--isolate-cpu-limit",
+        type=float,
+        default=None,
+        help="CPU limit per test (pytest-isolate compatible)",
+    )
+    parser.addini("isolate", "run every test in its own container", type="bool", default=False)
+    parser.addini("isolate_image", "default image for isolated tests", default=HOST)
+    parser.addini("isolate_timeout", "default per-test timeout in seconds", default="")
+    parser.addini(
+        "isolate_unsupported", "fail or skip when containers cannot run here", default="fail"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "container(image='host', **options): run this test inside a fresh container of the image; "
+        "container(False) opts out of --isolate. Options: env, workdir, user, hostname, volumes, "
+        "tmpfs, read_only, network, timeout, build_args, target.",
+    )
+    config.addinivalue_line(
+        "markers",
+        "isolate(timeout=None, mem_limit=None, cpu_limit=None): run this test in a container "
+        "(compatible with the older pytest-isolate plugin)",
+    )
+    if config.getoption("--isolate-store"):
+        import os
+
+        os.environ["PYTEST_ISOLATE_STORE"] = config.getoption("--isolate-store")
+    config.stash[session.ENGINE_KEY] = Engine()
+
+
+def _isolate_all(config: pytest.Config) -> bool:
+    if config.getoption("--no-isolate"):
+        return False
+    cli = config.getoption("--isolate")
+    return bool(cli) if cli is not None else bool(config.getini("isolate"))
+
+
+def _defaults(config: pytest.Config) -> dict[str, object]:
+    timeout = config.getoption("--isolate-timeout") or config.getini("isolate_timeout") or None
+    return {
+        "image": config.getoption("--isolate-image") or config.getini("isolate_image") or HOST,
+        "timeout": timeout,
+        "mem_limit": config.getoption("--isolate-mem-limit"),
+        "cpu_limit": config.getoption("--isolate-cpu-limit"),
+    }
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--no-isolate"):
+        return
+    isolate_all = _isolate_all(config)
+    interactive = [o for o in INTERACTIVE if config.getoption(o, False)]
+    defaults = _defaults(config)
+    chosen = []
+    for item in items:
+        markers = list(item.iter_markers(options.MARKER))
+        legacy = list(item.iter_markers(options.LEGACY_MARKER))
+        if not options.wanted(markers or legacy, isolate_all):
+            continue
+        tc = options.merge(item.nodeid, defaults, markers, legacy)
+        for limit in options.LIMITS:
+            if getattr(tc, limit) is not None:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: {limit} needs cgroup limits, which pytest-isolate does not "
+                    "support yet; remove the option or run without isolation"
+                )
+        chosen.append((item, tc))
+    if not chosen:
+        return
+    if interactive:
+        config.issue_config_time_warning(
+            pytest.PytestWarning(
+                f"pytest-isolate: --{interactive[0].replace('use', '')} needs the test in this "
+                "process; isolation is turned off for this run"
+            ),
+            stacklevel=2,
+        )
+        return
+    engine: Engine = config.stash[session.ENGINE_KEY]
+    try:
+        engine.check_host(userns=_needs_userns())
+    except IsolateError as e:
+        mode = config.getoption("--isolate-unsupported") or config.getini("isolate_unsupported")
+        if mode == "skip":
+            for item, _ in chosen:
+                item.add_marker(pytest.mark.skip(reason=f"pytest-isolate: {e}"))
+            return
+        raise pytest.UsageError(f"pytest-isolate cannot run containers here: {e}") from None
+    for item, tc in chosen:
+        item.stash[session.PLAN_KEY] = tc
+
+
+def _needs_userns() -> bool:
+    import os
+
+    return os.geteuid() != 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    tc = item.stash.get(session.PLAN_KEY, None)
+    if tc is None:
+        return None
+    session.run_isolated(item, nextitem, tc)
+    return True

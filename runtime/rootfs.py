@@ -65,8 +65,12 @@ PSEUDO_FS = frozenset(
 PROVIDED = ("/proc", "/sys", "/dev")
 """Host paths a container never sees: it gets fresh instances."""
 
-FRESH_TMPFS_ON_HOST_IMAGE = ("/tmp", "/run")
-"""On the host image these are fresh and empty, as on a new machine."""
+FRESH_TMPFS_ON_HOST_IMAGE = ("/run",)
+"""On the host image these are fresh and empty, as on a new machine.
+
+``/tmp`` is not among them: a project (or a pytester run) may live there, and the host image
+promises the host's paths; it is copy-on-write like everything else.
+"""
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_SYMLINKS = (
@@ -194,7 +198,7 @@ def data_mounts(mounts: Iterable[HostMount]) -> list[str]:
     for target, fstype in seen.items():
         if target == "/" or fstype in PSEUDO_FS:
             continue
-        if any(_under(target, p) for p in PROVIDED):
+        if any(_under(target, p) for p in (*PROVIDED, *FRESH_TMPFS_ON_HOST_IMAGE)):
             continue
         out.append(target)
     return sorted(out)
@@ -299,8 +303,7 @@ def plan_mounts(
     if spec.rootfs.host:
         for path in FRESH_TMPFS_ON_HOST_IMAGE:
             ops.append(Mkdir(r + path))
-            mode = "1777" if path == "/tmp" else "755"
-            ops.append(Mount("tmpfs", r + path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}"))
+            ops.append(Mount("tmpfs", r + path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755"))
     ops += [
         Mkdir(r + "/proc"),
         Mount("proc", r + "/proc", "proc", nosuid_nodev_noexec),

@@ -1,0 +1,250 @@
+"""Running one test item in a container: the ``pytest_runtest_protocol`` takeover.
+
+For an isolated item the pytest process:
+
+1. sets up the item's parent nodes and every fixture of wider than function scope, here, as
+   plain pytest would (so a session fixture is created once, not once per container);
+2. forks a child into a fresh container that runs setup/call/teardown of the item itself and
+   streams each report back (:mod:`pytest_isolate.child`);
+3. logs the reports through the normal hooks (terminal, junitxml, ``--lf``, ``-x``, xdist all see
+   ordinary reports) and turns a dead or timed-out child into a clear failure;
+4. tears down wider scopes for the real next item, as plain pytest does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from _pytest.runner import CallInfo
+
+from pytest_isolate import child, wire
+from pytest_isolate.options import TestContainer
+from runtime import ContainerSpec, Engine, Rootfs
+from runtime.errors import IsolateError
+from runtime.launch import ExitStatus
+from runtime.spec import HOST
+
+PLAN_KEY = pytest.StashKey["TestContainer"]()
+ENGINE_KEY = pytest.StashKey["Engine"]()
+
+
+@dataclass
+class _Outcome:
+    phases: list[str]
+    done: bool = False
+    timed_out: bool = False
+    status: ExitStatus | None = None
+
+
+def container_spec(tc: TestContainer) -> ContainerSpec:
+    """The engine spec for a test's container (host image: the same paths, Python and packages)."""
+    if tc.image != HOST:
+        raise IsolateError(
+            f"image {tc.image!r}: only the 'host' image can run tests yet; "
+            "building Dockerfiles and using stored images comes with the image builder"
+        )
+    return ContainerSpec(
+        rootfs=Rootfs(host=True),
+        cwd=tc.workdir or os.getcwd(),
+        user=tc.user,
+        hostname=tc.hostname,
+        binds=tc.volumes,
+        tmpfs=tc.tmpfs,
+        read_only=tc.read_only,
+    )
+
+
+def run_isolated(item: pytest.Item, nextitem: pytest.Item | None, tc: TestContainer) -> None:
+    """The whole protocol of one isolated item, in place of pytest's own."""
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    try:
+        prepared = CallInfo.from_call(lambda: _prepare_wider_scopes(item), when="setup")
+        if prepared.excinfo is not None:
+            _log(item, ihook.pytest_runtest_makereport(item=item, call=prepared))
+        else:
+            _run_in_container(item, tc)
+        _reset_request(item)
+        if item.session.shouldfail or item.session.shouldstop:
+            nextitem = None
+        # Wider scopes end as in plain pytest; the item's own teardown already ran inside.
+        teardown = CallInfo.from_call(
+            lambda: item.session._setupstate.teardown_exact(nextitem), when="teardown"
+        )
+        if teardown.excinfo is not None or prepared.excinfo is not None:
+            _log(item, ihook.pytest_runtest_makereport(item=item, call=teardown))
+    finally:
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+def _prepare_wider_scopes(item: pytest.Item) -> None:
+    """Set up the parent nodes and every non-function-scoped fixture of ``item`` in this process."""
+    ss = item.session._setupstate
+    assert item.parent is not None
+    ss.setup(item.parent)  # type: ignore[arg-type]
+    request = getattr(item, "_request", None)
+    info = getattr(item, "_fixtureinfo", None)
+    if request is None or info is None:
+        return
+    if not request:
+        item._initrequest()  # type: ignore[attr-defined]
+        request = item._request  # type: ignore[attr-defined]
+    # The item must look active while its fixtures are requested (pytest >= 9.1 checks), but
+    # its own setup (function-scoped fixtures) happens in the container.
+    ss.stack[item] = ([], None)
+    try:
+        for name in item.fixturenames:  # type: ignore[attr-defined]
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope != "function":
+                request.getfixturevalue(name)
+    finally:
+        del ss.stack[item]
+
+
+def _reset_request(item: pytest.Item) -> None:
+    if hasattr(item, "_request"):
+        item._request = False  # type: ignore[attr-defined]
+        item.funcargs = None  # type: ignore[attr-defined]
+
+
+def _log(item: pytest.Item, report: pytest.TestReport) -> None:
+    item.ihook.pytest_runtest_logreport(report=report)
+
+
+def _run_in_container(item: pytest.Item, tc: TestContainer) -> None:
+    config = item.config
+    engine: Engine = config.stash[ENGINE_KEY]
+    spec = container_spec(tc)
+    basetemp = _basetemp(config)
+    parent_end, child_end = socket.socketpair()
+    env = dict(tc.env)
+
+    def target() -> None:
+        parent_end.close()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.environ.update(env)
+        child.run_item(item, child_end, basetemp)
+
+    outcome = _Outcome([])
+    start = time.time()
+    container = engine.create(spec)
+    try:
+        with warnings.catch_warnings():
+            # Under xdist the process has an I/O thread; forking is safe here (the child never
+            # touches execnet), so Python 3.12's warning about it is noise.
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            proc = container.start(target=target)
+        child_end.close()
+        deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
+        _receive(item, parent_end, outcome, deadline, tc.image)
+        if outcome.timed_out:
+            container.kill()
+        outcome.status = proc.wait()
+    finally:
+        parent_end.close()
+        child_end.close()
+        container.remove()
+    if not outcome.done:
+        _report_crash(item, tc, outcome, start)
+
+
+def _receive(
+    item: pytest.Item, sock: socket.socket, outcome: _Outcome, deadline: float | None, tc_image: str
+) -> None:
+    config = item.config
+    if deadline is not None:
+        sock.settimeout(max(0.0, deadline - time.monotonic()))
+    try:
+        for msg in wire.receive(sock):
+            kind = msg["kind"]
+            if kind == "report":
+                data = msg["report"]
+                if isinstance(data.get("longrepr"), list):  # JSON has no tuples (skip location)
+                    data["longrepr"] = tuple(data["longrepr"])
+                rep = config.hook.pytest_report_from_serializable(config=config, data=data)
+                rep.user_properties.append(("container_image", tc_image))
+                outcome.phases.append(rep.when)
+                _log(item, rep)
+            elif kind == "warning":
+                _reemit_warning(msg)
+            elif kind == "done":
+                outcome.done = True
+            if deadline is not None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+    except TimeoutError:
+        outcome.timed_out = True
+
+
+def _reemit_warning(msg: dict[str, Any]) -> None:
+    module, _, name = msg["category"].rpartition(".")
+    category: type[Warning] = UserWarning
+    with contextlib.suppress(Exception):
+        found = getattr(importlib.import_module(module), name)
+        if isinstance(found, type) and issubclass(found, Warning):
+            category = found
+    warnings.warn_explicit(msg["message"], category, msg["filename"], msg["lineno"])
+
+
+def _basetemp(config: pytest.Config) -> str | None:
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:
+        return None
+    return str(factory.getbasetemp())
+
+
+def _report_crash(item: pytest.Item, tc: TestContainer, outcome: _Outcome, start: float) -> None:
+    """A child that died (or timed out) becomes a failure of the phase it was in."""
+    if "setup" not in outcome.phases:
+        when = "setup"
+    elif "call" not in outcome.phases and "teardown" not in outcome.phases:
+        when = "call"
+    else:
+        when = "teardown"
+    if outcome.timed_out:
+        what = (
+            f"Timeout: the test exceeded its timeout of {tc.timeout:g} s; its container was killed"
+        )
+    else:
+        what = f"The test's container crashed during {when}: {outcome.status}"
+    sections = []
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with contextlib.suppress(Exception):
+            out, err = capman.read_global_capture()
+            if out:
+                sections.append((f"Captured stdout {when}", out))
+            if err:
+                sections.append((f"Captured stderr {when}", err))
+    stop = time.time()
+    rep = pytest.TestReport(
+        item.nodeid,
+        item.location,
+        {k: 1 for k in item.keywords},
+        "failed",
+        what,
+        when,
+        sections,
+        stop - start,
+        start,
+        stop,
+        user_properties=[*item.user_properties, ("container_image", tc.image)],
+    )
+    _log(item, rep)
+    if when != "teardown":
+        # Keep the report sequence whole (a teardown report closes every test) without
+        # counting the crash twice.
+        _log(
+            item,
+            pytest.TestReport(
+                item.nodeid, item.location, {}, "passed", None, "teardown", [], 0.0, stop, stop
+            ),
+        )
