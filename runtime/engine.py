@@ -15,15 +15,23 @@ import contextlib
 import functools
 import os
 import signal
-import subprocess
+import socket
 import tarfile
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import _sys, idmap, launch, probe, process, rootfs, state
-from runtime.errors import ContainerStateError, UnsupportedHostError
+from runtime import _sys, control, idmap, launch, probe, process, rootfs, state
+from runtime.errors import (
+    ContainerError,
+    ContainerStateError,
+    ExecError,
+    SpecError,
+    UnsupportedHostError,
+)
+from runtime.image import layer
 from runtime.launch import ContainerProcess, ExitStatus, LaunchPlan
 from runtime.spec import ContainerSpec
 
@@ -139,7 +147,6 @@ class Engine:
         the *result* (or the exception) must be, and is re-raised here with the remote traceback
         as a note.
         """
-        spec = _no_close(spec)
         with self.create(spec) as c:
             proc = c.start(target=lambda: fn(*args, **kwargs))
             try:
@@ -147,10 +154,6 @@ class Engine:
             except TimeoutError:
                 c.kill()
                 raise
-
-
-def _no_close(spec: ContainerSpec) -> ContainerSpec:
-    return spec
 
 
 def _prepare_state(
@@ -249,23 +252,67 @@ class Container:
             self.process.close()
         self._state.release()
 
-    # --- exec and copy, through setns into the running container ---
+    # --- exec and copy: helpers forked from the caller that join the running container ---
 
-    def _enter(self) -> None:  # pragma: no cover - runs in a forked child
-        """Join the container's namespaces (user first: it grants the rights for the rest)."""
+    def _fork_inside(
+        self,
+        body: Callable[[], int],
+        keep: Sequence[int] = (),
+        stdio: Sequence[int | None] = (None, None, None),
+    ) -> tuple[int, socket.socket]:
+        """Fork a helper that joins the container's namespaces and runs ``body``; it never returns.
+
+        File descriptors other than stdio and ``keep`` are closed *before* joining: after
+        ``setns`` the helper's ``/proc/self`` is not visible in the container's ``/proc``.
+        Setup errors come back on the returned socket as structured frames.
+        """
         proc = self._running()
         init = proc.init_pid
-        names = ["mnt", "uts", "ipc", "net", "pid", "cgroup"]
-        if self.userns:
-            names.insert(0, "user")
-        fds = []
-        for name in names:
-            path = f"/proc/{init}/ns/{name}"
-            if os.path.exists(path):
-                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        for fd in fds:
-            _sys.setns(fd, 0)
-            os.close(fd)
+        names = (["user"] if self.userns else []) + ["mnt", "uts", "ipc", "net", "pid", "cgroup"]
+        parent_sock, child_sock = socket.socketpair()
+        caller = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            stage = launch._Stage(child_sock)
+            code = launch.SETUP_FAILED
+            try:
+                launch._set_pdeathsig_or_exit(lambda: os.getppid() == caller)
+                launch._setup_stdio(stdio)
+                stage.name = "join namespaces"
+                fds = [
+                    os.open(f"/proc/{init}/ns/{n}", os.O_RDONLY | os.O_CLOEXEC)
+                    for n in names
+                    if os.path.exists(f"/proc/{init}/ns/{n}")
+                ]
+                launch._close_fds_except({0, 1, 2, child_sock.fileno(), *fds, *keep})
+                for fd in fds:
+                    _sys.setns(fd, 0)
+                    os.close(fd)
+                # Joining a pid namespace takes effect for children only: fork once more, so
+                # that the body is inside it and sees itself in the container's /proc.
+                inner = os.fork()
+                if inner != 0:
+                    launch._mirror_exit(inner)
+                launch._set_pdeathsig_or_exit(lambda: True)
+                stage.name = "exec"
+                code = body()
+            except BaseException as e:
+                stage.fail(e)
+            finally:
+                os._exit(code)
+        child_sock.close()
+        return pid, parent_sock
+
+    def _join(self, pid: int, sock: socket.socket) -> ExitStatus:
+        """Wait for a helper; raise the error it reported, if any."""
+        try:
+            msg = control.recv(sock)
+        finally:
+            sock.close()
+        status = ExitStatus.from_wait_status(launch._waitpid(pid)[1])
+        if isinstance(msg, dict) and msg.get("t") == "error":
+            raise launch._error_from(msg)
+        return status
 
     def exec(
         self,
@@ -277,48 +324,33 @@ class Container:
         stdio: Sequence[int | None] = (None, None, None),
     ) -> ExitStatus:
         """Run ``argv`` inside the running container (like ``docker exec``) and wait for it."""
-        self._running()
+        if not argv:
+            raise SpecError("exec needs a command")
         full_env = {**self.spec.env, **(env or {})}
         workdir = cwd or self.spec.cwd
-        r, w = os.pipe()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            os.close(r)
-            code = launch.SETUP_FAILED
+        caps = self._plan.caps
+        hostname = self.spec.hostname
+        user = user or self.spec.user
+
+        def body() -> int:  # pragma: no cover - runs in the helper
+            u = process.resolve_user(
+                user, process.read_text("/etc/passwd"), process.read_text("/etc/group")
+            )
+            e = process.container_env(full_env, u, hostname, False)
+            os.chdir(workdir)
+            exe = launch._find_executable(argv[0], e.get("PATH", ""))
+            process.drop_privileges(u, caps)
             try:
-                _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
-                if os.getppid() != parent:
-                    os._exit(code)
-                launch._setup_stdio(stdio)
-                self._enter()
-                u = process.resolve_user(
-                    user or self.spec.user,
-                    process.read_text("/etc/passwd"),
-                    process.read_text("/etc/group"),
-                )
-                e = process.container_env(full_env, u, self.spec.hostname, False)
-                os.chdir(workdir)
-                exe = launch._find_executable(argv[0], e.get("PATH", ""))
-                launch._close_fds_except({0, 1, 2, w})
-                process.drop_privileges(u, self._plan.caps)
                 child = os.posix_spawn(
                     exe, list(argv), e, setsigmask=(), setsigdef=launch.FORWARDED_SIGNALS
                 )
-                os.close(w)
-                launch._mirror_exit(child)
-            except BaseException as exc:
-                os.write(w, f"{type(exc).__name__}: {exc}".encode())
-                os._exit(code)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            err = f.read().decode(errors="replace")
-        _, status = os.waitpid(pid, 0)
-        if err:
-            from runtime.errors import ContainerError
+            except OSError as err:
+                raise ExecError(argv[0], err.errno or 0) from err
+            launch._mirror_exit(child)
+            return launch.SETUP_FAILED
 
-            raise ContainerError(f"exec {argv[0]!r} in container {self.id} failed: {err}")
-        return ExitStatus.from_wait_status(status)
+        pid, sock = self._fork_inside(body, stdio=stdio)
+        return self._join(pid, sock)
 
     def exec_capture(
         self,
@@ -329,143 +361,92 @@ class Container:
         cwd: str | None = None,
         user: str | None = None,
     ) -> ExecResult:
-        """``exec`` with stdout and stderr captured as text."""
-        import tempfile
-
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            stdin_fd = None
-            if input is not None:
-                rin, win = os.pipe()
-                stdin_fd = rin
-                # Small inputs fit the pipe buffer; larger ones are written by a helper thread.
-                import threading
-
-                def feed() -> None:
-                    with os.fdopen(win, "wb") as f, contextlib.suppress(BrokenPipeError):
-                        f.write(input)
-
-                t = threading.Thread(target=feed, daemon=True)
-                t.start()
-            try:
-                status = self.exec(
-                    argv, env=env, cwd=cwd, user=user, stdio=(stdin_fd, out.fileno(), err.fileno())
-                )
-            finally:
-                if stdin_fd is not None:
-                    os.close(stdin_fd)
+        """``exec`` with stdin given as bytes and stdout/stderr captured as text."""
+        with (
+            tempfile.TemporaryFile() as out,
+            tempfile.TemporaryFile() as err,
+            tempfile.TemporaryFile() as inp,
+        ):
+            if input:
+                inp.write(input)
+                inp.seek(0)
+            status = self.exec(
+                argv, env=env, cwd=cwd, user=user, stdio=(inp.fileno(), out.fileno(), err.fileno())
+            )
             out.seek(0)
             err.seek(0)
             return ExecResult(
                 status, out.read().decode(errors="replace"), err.read().decode(errors="replace")
             )
 
-    def _in_container(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` in a forked child that joined the container's user and mount namespaces."""
-        self._running()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            code = 1
-            try:
-                _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
-                self._enter()
-                fn()
-                code = 0
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            from runtime.errors import ContainerError
-
-            raise ContainerError(
-                f"copy in container {self.id} failed ({ExitStatus.from_wait_status(status)})"
-            )
-
     def copy_in(self, src: str | os.PathLike[str], dst: str) -> None:
-        """Copy a host file or directory to ``dst`` inside the container (like ``docker cp``)."""
+        """Copy a host file or directory to ``dst`` in the container (``dst/`` copies into it).
+
+        Entries are owned by the container's root; nothing can land outside the container's
+        filesystem (the helper runs inside it), and symlinks resolve as the container sees them.
+        """
         src = os.fspath(src)
+        into, name = _split_dest(dst, os.path.basename(src.rstrip("/")))
         r, w = os.pipe()
 
-        def extract() -> None:
-            os.close(w)
-            with os.fdopen(r, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                target_dir, name = _cp_target(dst, os.path.isdir(src))
-                os.makedirs(target_dir, exist_ok=True)
-                for member in tar:
-                    member.name = (
-                        os.path.normpath(os.path.join(name, member.name.partition("/")[2]))
-                        if "/" in member.name
-                        else name
-                    )
-                    tar.extract(member, target_dir, set_attrs=True, **_tar_filter())
+        def body() -> int:  # pragma: no cover - runs in the helper
+            os.makedirs(into, exist_ok=True)
+            with os.fdopen(r, "rb") as f:
+                layer.unpack_tree(f, "/", into=into)
+            return 0
 
-        pid_holder: list[int] = []
-        import threading
-
-        def produce() -> None:
-            with os.fdopen(w, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
-                tar.add(src, arcname="x", filter=_as_root)
-
-        t = threading.Thread(target=produce, daemon=True)
-        t.start()
+        pid, sock = self._fork_inside(body, keep=(r,))
+        os.close(r)
         try:
-            self._in_container(extract)
+            with os.fdopen(w, "wb") as f:
+                with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    tar.add(src, arcname=name, filter=_as_root)
+        except BrokenPipeError:
+            pass
         finally:
-            os.close(r)
-            t.join()
-        del pid_holder
+            status = self._join(pid, sock)
+        if status.exit_code != 0:
+            raise ContainerError(f"copy of {src!r} into container {self.id} failed ({status})")
 
     def copy_out(self, src: str, dst: str | os.PathLike[str]) -> None:
-        """Copy ``src`` from inside the container to the host path ``dst``."""
-        from runtime.image import layer
+        """Copy ``src`` from the container to the host path ``dst`` (an existing directory: into it).
 
+        Extraction on the host is confined to the destination directory: a hostile container
+        cannot plant links that escape it.
+        """
+        dst = os.fspath(dst)
+        name = os.path.basename(src.rstrip("/")) or "root"
+        if dst.endswith("/") or os.path.isdir(dst):
+            into = dst
+        else:
+            into, name = os.path.dirname(os.path.abspath(dst)), os.path.basename(dst)
         r, w = os.pipe()
 
-        def pack() -> None:
-            os.close(r)
-            with os.fdopen(w, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
-                tar.add(src, arcname=os.path.basename(src.rstrip("/")) or "root")
+        def body() -> int:  # pragma: no cover - runs in the helper
+            with os.fdopen(w, "wb") as f:
+                layer.pack_tree("/", f, path=src, arcname=name)
+            return 0
 
-        import threading
-
-        errors: list[BaseException] = []
-
-        def consume() -> None:
-            try:
-                with os.fdopen(r, "rb") as f:
-                    layer.unpack_tree(f, os.fspath(dst))
-            except BaseException as e:
-                errors.append(e)
-
-        t = threading.Thread(target=consume, daemon=True)
-        t.start()
+        pid, sock = self._fork_inside(body, keep=(w,))
+        os.close(w)
         try:
-            self._in_container(pack)
+            with os.fdopen(r, "rb") as f:
+                layer.unpack_tree(f, into)
         finally:
-            os.close(w)
-            t.join()
-        if errors:
-            raise errors[0]
+            status = self._join(pid, sock)
+        if status.exit_code != 0:
+            raise ContainerError(f"copy of {src!r} out of container {self.id} failed ({status})")
 
 
-def _as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
-
-
-def _tar_filter() -> dict[str, Any]:
-    return {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
-
-
-def _cp_target(dst: str, src_is_dir: bool) -> tuple[str, str]:
-    if dst.endswith("/") or os.path.isdir(dst):
-        return dst, "x"
+def _split_dest(dst: str, src_name: str) -> tuple[str, str]:
+    """``dst/`` means "into dst, keeping the source's name"; else dst is the new path."""
+    if dst.endswith("/"):
+        return dst.rstrip("/") or "/", src_name
     return os.path.dirname(dst) or "/", os.path.basename(dst)
 
 
-def run_subprocess(argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(argv, capture_output=True, check=False)
+def _as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """``docker cp`` semantics: what is copied in belongs to the container's root."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info

@@ -306,9 +306,10 @@ class _Stage:
             msg.update(errno=exc.errno or 0, detail=exc.strerror or str(exc))
         elif isinstance(exc, ValueError):
             msg.update(kind="spec")
-        with contextlib.suppress(OSError):
+        try:
             control.send(self.sock, msg)
-        os._exit(SETUP_FAILED)
+        finally:
+            os._exit(SETUP_FAILED)
 
 
 def _set_pdeathsig_or_exit(parent_alive: Callable[[], bool]) -> None:
@@ -346,8 +347,10 @@ def _intermediate(
         control.send(sock, {"t": "init", "pid": pid})
     except BaseException as e:
         stage.fail(e)
-    sock.close()
-    _mirror_exit(pid)
+    try:
+        sock.close()
+    finally:
+        _mirror_exit(pid)
 
 
 def _expect(sock: socket.socket, what: str) -> bool:
@@ -366,14 +369,19 @@ def _setup_stdio(stdio: Sequence[int | None]) -> None:
 
 def _mirror_exit(pid: int) -> None:  # pragma: no cover - runs in the child
     """Exit exactly as ``pid`` did, so the caller's waitpid sees the container's own status."""
-    _, status = _waitpid(pid)
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else SETUP_FAILED)
+    code = SETUP_FAILED
+    try:
+        _, status = _waitpid(pid)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these have no handler to reset
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            os.kill(os.getpid(), sig)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else SETUP_FAILED
+    finally:
+        os._exit(code)
 
 
 def _init(

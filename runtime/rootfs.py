@@ -344,7 +344,8 @@ def plan_mounts(
         ops.append(RemountReadOnly(r + p, bind_first=True))
     ops.append(PivotRoot(r))
     if spec.read_only:
-        ops.append(RemountReadOnly("/"))
+        # Every overlay, not only "/": the split host image has one per top-level directory.
+        ops += [RemountReadOnly(ov.target) for ov in overlays]
     return ops
 
 
