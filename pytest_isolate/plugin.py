@@ -8,11 +8,13 @@ from __future__ import annotations
 import pytest
 
 from pytest_isolate import options, session
+from pytest_isolate.fixtures import FIXTURES, container, container_factory
 from runtime import Engine
 from runtime.errors import IsolateError
 from runtime.spec import HOST
 
 INTERACTIVE = ("usepdb", "trace")
+__all__ = ["container", "container_factory"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -109,6 +111,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         legacy = list(item.iter_markers(options.LEGACY_MARKER))
         if not options.wanted(markers or legacy, isolate_all):
             continue
+        if set(FIXTURES) & set(getattr(item, "fixturenames", ())):
+            continue  # the test drives a container from the host; the marker configures it
         tc = options.merge(item.nodeid, defaults, markers, legacy)
         for limit in options.LIMITS:
             if getattr(tc, limit) is not None:

@@ -31,7 +31,7 @@ from pytest_isolate.options import TestContainer
 from runtime import ContainerSpec, Engine, Rootfs
 from runtime.errors import IsolateError
 from runtime.launch import ExitStatus
-from runtime.spec import HOST
+from runtime.spec import DEFAULT_PATH, HOST
 
 PLAN_KEY = pytest.StashKey["TestContainer"]()
 ENGINE_KEY = pytest.StashKey["Engine"]()
@@ -45,8 +45,13 @@ class _Outcome:
     status: ExitStatus | None = None
 
 
-def container_spec(tc: TestContainer) -> ContainerSpec:
-    """The engine spec for a test's container (host image: the same paths, Python and packages)."""
+def container_spec(tc: TestContainer, idle: bool = False) -> ContainerSpec:
+    """The engine spec for a test's container.
+
+    A test runs in a fork of this process (the host image shows the same paths, Python and
+    packages), starting in the current directory; an ``idle`` container (the ``container``
+    fixture) waits for ``exec`` and starts in ``/``, as ``docker run`` does.
+    """
     if tc.image != HOST:
         raise IsolateError(
             f"image {tc.image!r}: only the 'host' image can run tests yet; "
@@ -54,7 +59,8 @@ def container_spec(tc: TestContainer) -> ContainerSpec:
         )
     return ContainerSpec(
         rootfs=Rootfs(host=True),
-        cwd=tc.workdir or os.getcwd(),
+        env={"PATH": DEFAULT_PATH, **tc.env},
+        cwd=tc.workdir or ("/" if idle else os.getcwd()),
         user=tc.user,
         hostname=tc.hostname,
         binds=tc.volumes,

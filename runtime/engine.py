@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import signal
+import select
 import socket
 import tarfile
 import tempfile
@@ -31,6 +32,8 @@ from runtime.errors import (
     SpecError,
     UnsupportedHostError,
 )
+from runtime.diff import Change, upper_changes
+from runtime.diff import merge as merge_changes
 from runtime.image import layer
 from runtime.launch import ContainerProcess, ExitStatus, LaunchPlan
 from runtime.spec import ContainerSpec
@@ -183,6 +186,55 @@ def _prepare_state(
     (etc / "resolv.conf").write_text("# network: none\n")
 
 
+class Helper:
+    """A process forked into a running container (exec, spawn, copy): wait for it or kill it."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._status: ExitStatus | None = None
+
+    def poll(self) -> ExitStatus | None:
+        if self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._finish(status)
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """Wait for the helper; raise the setup or exec error it reported, if any."""
+        if self._status is None:
+            if timeout is not None:
+                fd = os.pidfd_open(self.pid)
+                try:
+                    ready, _, _ = select.select([fd], [], [], timeout)
+                finally:
+                    os.close(fd)
+                if not ready:
+                    raise TimeoutError(f"process {self.pid} still running after {timeout} s")
+            self._finish(launch._waitpid(self.pid)[1])
+        assert self._status is not None
+        return self._status
+
+    def _finish(self, status: int) -> None:
+        self._status = ExitStatus.from_wait_status(status)
+        self._sock.setblocking(False)
+        try:
+            msg = control.recv(self._sock)
+        except (BlockingIOError, OSError):
+            msg = None
+        finally:
+            self._sock.close()
+        if isinstance(msg, dict) and msg.get("t") == "error":
+            raise launch._error_from(msg)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the helper; SIGKILL takes its process in the container down with it."""
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
 class Container:
     """One container: its spec, state directory and, once started, its processes."""
 
@@ -303,18 +355,7 @@ class Container:
         child_sock.close()
         return pid, parent_sock
 
-    def _join(self, pid: int, sock: socket.socket) -> ExitStatus:
-        """Wait for a helper; raise the error it reported, if any."""
-        try:
-            msg = control.recv(sock)
-        finally:
-            sock.close()
-        status = ExitStatus.from_wait_status(launch._waitpid(pid)[1])
-        if isinstance(msg, dict) and msg.get("t") == "error":
-            raise launch._error_from(msg)
-        return status
-
-    def exec(
+    def spawn(
         self,
         argv: Sequence[str],
         *,
@@ -322,8 +363,8 @@ class Container:
         cwd: str | None = None,
         user: str | None = None,
         stdio: Sequence[int | None] = (None, None, None),
-    ) -> ExitStatus:
-        """Run ``argv`` inside the running container (like ``docker exec``) and wait for it."""
+    ) -> Helper:
+        """Start ``argv`` inside the running container (like ``docker exec -d``); see :class:`Helper`."""
         if not argv:
             raise SpecError("exec needs a command")
         full_env = {**self.spec.env, **(env or {})}
@@ -350,7 +391,25 @@ class Container:
             return launch.SETUP_FAILED
 
         pid, sock = self._fork_inside(body, stdio=stdio)
-        return self._join(pid, sock)
+        return Helper(pid, sock)
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdio: Sequence[int | None] = (None, None, None),
+    ) -> ExitStatus:
+        """Run ``argv`` inside the running container (like ``docker exec``) and wait for it."""
+        return self.spawn(argv, env=env, cwd=cwd, user=user, stdio=stdio).wait()
+
+    def diff(self) -> list[Change]:
+        """What the container changed in its filesystem, like ``docker diff`` (A, C, D)."""
+        return merge_changes(
+            upper_changes(ov.upper, ov.target, ov.lowers, self.userns) for ov in self.overlays
+        )
 
     def exec_capture(
         self,
@@ -404,7 +463,7 @@ class Container:
         except BrokenPipeError:
             pass
         finally:
-            status = self._join(pid, sock)
+            status = Helper(pid, sock).wait()
         if status.exit_code != 0:
             raise ContainerError(f"copy of {src!r} into container {self.id} failed ({status})")
 
@@ -433,7 +492,7 @@ class Container:
             with os.fdopen(r, "rb") as f:
                 layer.unpack_tree(f, into)
         finally:
-            status = self._join(pid, sock)
+            status = Helper(pid, sock).wait()
         if status.exit_code != 0:
             raise ContainerError(f"copy of {src!r} out of container {self.id} failed ({status})")
 
