@@ -40,6 +40,7 @@ import os
 import shutil
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -215,6 +216,21 @@ class _Prepended:
         return self._rest.read(size)
 
 
+class _ZstdErrorsAsOSError:
+    """``zstandard`` raises its own error for corrupt input; the reader's callers expect OSError."""
+
+    def __init__(self, inner: Any, error: type[Exception]) -> None:
+        self._inner = inner
+        self._error = error
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data: bytes = self._inner.read(size)
+        except self._error as e:
+            raise OSError(errno.EIO, f"corrupt zstd data: {e}") from e
+        return data
+
+
 class _HashingReader:
     """Counts and hashes what ``tarfile`` reads: the diff id comes for free."""
 
@@ -257,7 +273,8 @@ def _decompressed(raw: IO[bytes]) -> Any:
                 "the layer is zstd-compressed and the 'zstandard' module is not installed "
                 "(pip install zstandard)"
             ) from e
-        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        return _ZstdErrorsAsOSError(reader, zstandard.ZstdError)
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise LayerError(f"the layer is {name}-compressed; OCI layers are tar, gzip or zstd")
@@ -550,7 +567,11 @@ class _Extractor:
             os.chown(handle, member.uid, member.gid)
         except OSError as e:
             if not (self.rootless and e.errno in (errno.EPERM, errno.EINVAL)):
-                raise
+                hint = "" if os.geteuid() == 0 else " (not root: unpack with rootless=True)"
+                raise LayerError(
+                    f"layer entry {member.name!r}: cannot set owner {member.uid}:{member.gid}: "
+                    f"{e.strerror}{hint}"
+                ) from e
             self.stats.ownership_dropped += 1
         if mode:
             os.chmod(handle, member.mode & 0o7777)
@@ -675,7 +696,7 @@ def _extract(
                         ext.member(tar, member)
                         where = f"after entry {member.name!r}"
                 stream.drain()
-            except (tarfile.TarError, EOFError, OSError) as e:
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 raise LayerError(f"the layer tar is unreadable {where}: {e}") from e
             ext.finish()
         stats.diff_id = "sha256:" + stream.sha.hexdigest()
@@ -841,6 +862,8 @@ class _Packer:
             marker = WHITEOUT_PREFIX + base
             self.tar.addfile(_fixed_marker(f"{head}/{marker}" if head else marker))
             return None
+        if stat.S_ISSOCK(st.st_mode):
+            return None  # a socket is a live endpoint, not content (tar has no type for it)
         info = self._header(st, arc, xattrs)
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(name, _O_DIR, dir_fd=parent_fd)
@@ -891,7 +914,7 @@ class _Packer:
             info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         else:
-            raise LayerError(f"{arc}: a socket or unknown file type cannot go into a tar")
+            raise LayerError(f"{arc}: unknown file type {stat.S_IFMT(mode):o} cannot go into a tar")
         return info
 
 
