@@ -14,6 +14,7 @@ For an isolated item the pytest process:
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import signal
@@ -148,7 +149,13 @@ def _run_in_container(item: pytest.Item, tc: TestContainer) -> None:
             # Under xdist the process has an I/O thread; forking is safe here (the child never
             # touches execnet), so Python 3.12's warning about it is noise.
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-            proc = container.start(target=target)
+            # Objects that exist now are never scanned by the child's garbage collector: fewer
+            # copy-on-write page faults in the child, which is most of a test's cost there.
+            gc.freeze()
+            try:
+                proc = container.start(target=target)
+            finally:
+                gc.unfreeze()
         child_end.close()
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
         _receive(item, parent_end, outcome, deadline, tc.image)

@@ -105,8 +105,9 @@ class ExitStatus:
 class ContainerProcess:
     """A started container: its stage processes, control socket and (with a tty) pty master."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket, alive_w: int | None = None) -> None:
         self.pid = pid
+        self._alive_w = alive_w
         self.init_pid: int | None = None
         self.workload_pid: int | None = None
         self.sock = sock
@@ -127,7 +128,7 @@ class ContainerProcess:
         elif t == "error":
             raise _error_from(msg)
 
-    def wait_ready(self, idmap: IdMapPlan | None) -> None:
+    def wait_ready(self, idmap: IdMapPlan | None, handshake: bool = True) -> None:
         """Drive the handshake until the workload is running; raise the child's setup error."""
         if idmap is not None:
             msg = control.recv(self.sock)
@@ -135,7 +136,8 @@ class ContainerProcess:
             if not (isinstance(msg, dict) and msg.get("t") == "userns"):
                 self._fail_early("the intermediate process died before its user namespace existed")
             apply_idmap(self.pid, idmap)
-        control.send(self.sock, {"t": "go"})
+        if handshake:
+            control.send(self.sock, {"t": "go"})
         while True:
             msg = control.recv(self.sock)
             if msg is None:
@@ -194,11 +196,11 @@ class ContainerProcess:
 
     def close(self) -> None:
         self.sock.close()
-        for fd in (self._pidfd, self.pty_master):
+        for fd in (self._pidfd, self.pty_master, self._alive_w):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._pidfd = self.pty_master = None
+        self._pidfd = self.pty_master = self._alive_w = None
 
 
 def _waitpid(pid: int) -> tuple[int, int]:
@@ -226,22 +228,28 @@ def start(
     """Fork the stages of a container and return once its workload runs (or raise why not)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     direct = plan.idmap is None and os.geteuid() == 0
-    if direct:
-        pid = _fork_into_new_pid_namespace()
-    else:
-        caller = os.getpid()
-        pid = os.fork()
+    caller = os.getpid()
+    alive_r, alive_w = os.pipe()  # EOF on alive_r tells a child its caller is gone
+    try:
+        pid = _fork_into_new_pid_namespace() if direct else os.fork()
+    except BaseException:
+        os.close(alive_r)
+        os.close(alive_w)
+        raise
     if pid == 0:  # pragma: no cover - runs in the child
         parent_sock.close()
+        os.close(alive_w)
         if direct:
-            _direct_init(plan, child_sock, stdio, target)
+            _direct_init(plan, child_sock, stdio, target, alive_r)
+        os.close(alive_r)
         _intermediate(plan, child_sock, caller, stdio, target)
     child_sock.close()
-    proc = ContainerProcess(pid, parent_sock)
+    os.close(alive_r)
+    proc = ContainerProcess(pid, parent_sock, alive_w)
     if direct:
         proc.init_pid = pid
     try:
-        proc.wait_ready(plan.idmap)
+        proc.wait_ready(plan.idmap, handshake=not direct)
     except BaseException:
         proc.kill()
         with contextlib.suppress(ChildProcessError):
@@ -276,13 +284,12 @@ def _direct_init(
     sock: socket.socket,
     stdio: Sequence[int | None],
     target: Callable[[], Any] | None,
+    alive_r: int,
 ) -> None:  # pragma: no cover - runs in the child
     stage = _Stage(sock)
     try:
-        _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
-        # Receiving "go" after the prctl proves the caller was alive when it took effect.
-        if not _expect(sock, "go"):
-            os._exit(SETUP_FAILED)
+        _set_pdeathsig_or_exit(lambda: _pipe_open(alive_r))
+        os.close(alive_r)
         _setup_stdio(stdio)
         stage.name = "namespaces"
         _sys.unshare(plan.ns_flags & ~_sys.CLONE_NEWPID)
@@ -400,9 +407,12 @@ def _init(
         stage.name = "network"
         _sys.set_loopback_up()
         stage.name = "user"
-        user = process.resolve_user(
-            plan.user, process.read_text("/etc/passwd"), process.read_text("/etc/group")
-        )
+        if plan.user is None and target is not None:
+            user = process.ROOT  # a callable keeps the caller's environment; no HOME to look up
+        else:
+            user = process.resolve_user(
+                plan.user, process.read_text("/etc/passwd"), process.read_text("/etc/group")
+            )
         env = process.container_env(plan.env, user, plan.hostname, plan.tty)
         stage.name = "workdir"
         os.makedirs(plan.cwd, exist_ok=True)

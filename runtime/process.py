@@ -104,6 +104,9 @@ class User:
     name: str
 
 
+ROOT = User(0, 0, (), "/root", "root")
+
+
 def _passwd_entries(text: str) -> list[list[str]]:
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 

@@ -168,9 +168,15 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     )
 
 
+_LAST_CAP: int | None = None
+
+
 def drop_bounding_caps(keep: int) -> None:
     """Drop every capability not in ``keep`` from the bounding set (needs CAP_SETPCAP)."""
-    for cap in range(last_cap() + 1):
+    global _LAST_CAP
+    if _LAST_CAP is None:
+        _LAST_CAP = last_cap()
+    for cap in range(_LAST_CAP + 1):
         if not keep & (1 << cap):
             prctl(PR_CAPBSET_DROP, cap)
 
