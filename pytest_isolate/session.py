@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,9 @@ from _pytest.runner import CallInfo
 
 from pytest_isolate import child, wire
 from pytest_isolate.options import TestContainer
-from runtime import ContainerSpec, Engine, Rootfs
+from runtime import Container, ContainerSpec, Engine, Rootfs
 from runtime.errors import IsolateError
-from runtime.launch import ExitStatus
+from runtime.launch import ContainerProcess, ExitStatus
 from runtime.spec import DEFAULT_PATH, HOST
 
 PLAN_KEY = pytest.StashKey["TestContainer"]()
@@ -42,6 +43,8 @@ ENGINE_KEY = pytest.StashKey["Engine"]()
 class _Outcome:
     phases: list[str]
     done: bool = False
+    teardown: pytest.TestReport | None = None
+    setup_passed: bool = False
     timed_out: bool = False
     status: ExitStatus | None = None
 
@@ -75,22 +78,34 @@ def run_isolated(item: pytest.Item, nextitem: pytest.Item | None, tc: TestContai
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     try:
+        held: pytest.TestReport | None = None
         prepared = CallInfo.from_call(lambda: _prepare_wider_scopes(item), when="setup")
         if prepared.excinfo is not None:
             _log(item, ihook.pytest_runtest_makereport(item=item, call=prepared))
         else:
-            _run_in_container(item, tc)
+            held = _run_in_container(item, tc, prepared.duration)
         _reset_request(item)
         if item.session.shouldfail or item.session.shouldstop:
             nextitem = None
         # Wider scopes end as in plain pytest; the item's own teardown already ran inside.
-        teardown = CallInfo.from_call(
+        # Its report and ours become one teardown report, as plain pytest has one.
+        call = CallInfo.from_call(
             lambda: item.session._setupstate.teardown_exact(nextitem), when="teardown"
         )
-        if teardown.excinfo is not None or prepared.excinfo is not None:
-            _log(item, ihook.pytest_runtest_makereport(item=item, call=teardown))
+        ours = ihook.pytest_runtest_makereport(item=item, call=call)
+        _log(item, ours if held is None else _merge_teardown(held, ours))
     finally:
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+def _merge_teardown(inside: pytest.TestReport, outside: pytest.TestReport) -> pytest.TestReport:
+    if outside.failed and not inside.failed:
+        inside.outcome = "failed"
+        inside.longrepr = outside.longrepr
+    inside.sections = [*inside.sections, *outside.sections]
+    inside.duration += outside.duration
+    inside.stop = outside.stop
+    return inside
 
 
 def _prepare_wider_scopes(item: pytest.Item) -> None:
@@ -127,10 +142,12 @@ def _log(item: pytest.Item, report: pytest.TestReport) -> None:
     item.ihook.pytest_runtest_logreport(report=report)
 
 
-def _run_in_container(item: pytest.Item, tc: TestContainer) -> None:
+def _run_in_container(
+    item: pytest.Item, tc: TestContainer, prepare_time: float
+) -> pytest.TestReport | None:
+    """Run the item's phases in a container; return its teardown report, not yet logged."""
     config = item.config
     engine: Engine = config.stash[ENGINE_KEY]
-    spec = container_spec(tc)
     basetemp = _basetemp(config)
     parent_end, child_end = socket.socketpair()
     env = dict(tc.env)
@@ -143,35 +160,57 @@ def _run_in_container(item: pytest.Item, tc: TestContainer) -> None:
 
     outcome = _Outcome([])
     start = time.time()
-    container = engine.create(spec)
+    containers: list[Container] = []
     try:
-        with warnings.catch_warnings():
-            # Under xdist the process has an I/O thread; forking is safe here (the child never
-            # touches execnet), so Python 3.12's warning about it is noise.
-            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-            # Objects that exist now are never scanned by the child's garbage collector: fewer
-            # copy-on-write page faults in the child, which is most of a test's cost there.
-            gc.freeze()
-            try:
-                proc = container.start(target=target)
-            finally:
-                gc.unfreeze()
+        started = CallInfo.from_call(lambda: _start(engine, tc, target, containers), when="setup")
         child_end.close()
+        if started.excinfo is not None:
+            _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
+            return None
+        proc = started.result
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
-        _receive(item, parent_end, outcome, deadline, tc.image)
+        # The setup report's duration covers what plain pytest's would: the wider fixtures
+        # set up here, and the container's start (the price of isolation, shown honestly).
+        extra = prepare_time + started.duration
+        _receive(item, parent_end, outcome, deadline, tc.image, extra)
         if outcome.timed_out:
-            container.kill()
+            containers[0].kill()
         outcome.status = proc.wait()
     finally:
         parent_end.close()
         child_end.close()
-        container.remove()
+        for c in containers:
+            c.remove()
     if not outcome.done:
-        _report_crash(item, tc, outcome, start)
+        return _report_crash(item, tc, outcome, start)
+    return outcome.teardown
+
+
+def _start(
+    engine: Engine, tc: TestContainer, target: Callable[[], None], containers: list[Container]
+) -> ContainerProcess:
+    container = engine.create(container_spec(tc))
+    containers.append(container)
+    with warnings.catch_warnings():
+        # Under xdist the process has an I/O thread; forking is safe here (the child never
+        # touches execnet), so Python 3.12's warning about it is noise.
+        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+        # Objects that exist now are never scanned by the child's garbage collector: fewer
+        # copy-on-write page faults in the child, which is most of a test's cost there.
+        gc.freeze()
+        try:
+            return container.start(target=target)
+        finally:
+            gc.unfreeze()
 
 
 def _receive(
-    item: pytest.Item, sock: socket.socket, outcome: _Outcome, deadline: float | None, tc_image: str
+    item: pytest.Item,
+    sock: socket.socket,
+    outcome: _Outcome,
+    deadline: float | None,
+    tc_image: str,
+    setup_extra: float,
 ) -> None:
     config = item.config
     if deadline is not None:
@@ -186,7 +225,13 @@ def _receive(
                 rep = config.hook.pytest_report_from_serializable(config=config, data=data)
                 rep.user_properties.append(("container_image", tc_image))
                 outcome.phases.append(rep.when)
-                _log(item, rep)
+                if rep.when == "setup":
+                    rep.duration += setup_extra
+                    outcome.setup_passed = rep.passed
+                if rep.when == "teardown":
+                    outcome.teardown = rep
+                else:
+                    _log(item, rep)
             elif kind == "warning":
                 _reemit_warning(msg)
             elif kind == "done":
@@ -214,11 +259,13 @@ def _basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp())
 
 
-def _report_crash(item: pytest.Item, tc: TestContainer, outcome: _Outcome, start: float) -> None:
+def _report_crash(
+    item: pytest.Item, tc: TestContainer, outcome: _Outcome, start: float
+) -> pytest.TestReport:
     """A child that died (or timed out) becomes a failure of the phase it was in."""
     if "setup" not in outcome.phases:
         when = "setup"
-    elif "call" not in outcome.phases and "teardown" not in outcome.phases:
+    elif outcome.setup_passed and "call" not in outcome.phases:
         when = "call"
     else:
         when = "teardown"
@@ -251,13 +298,10 @@ def _report_crash(item: pytest.Item, tc: TestContainer, outcome: _Outcome, start
         stop,
         user_properties=[*item.user_properties, ("container_image", tc.image)],
     )
+    if when == "teardown":
+        return rep
     _log(item, rep)
-    if when != "teardown":
-        # Keep the report sequence whole (a teardown report closes every test) without
-        # counting the crash twice.
-        _log(
-            item,
-            pytest.TestReport(
-                item.nodeid, item.location, {}, "passed", None, "teardown", [], 0.0, stop, stop
-            ),
-        )
+    # The sequence stays whole (a teardown report closes every test) without counting twice.
+    return pytest.TestReport(
+        item.nodeid, item.location, {}, "passed", None, "teardown", [], 0.0, stop, stop
+    )
