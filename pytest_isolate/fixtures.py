@@ -119,9 +119,18 @@ class RunningContainer:
 
 
 @contextlib.contextmanager
-def start_container(engine: Engine, nodeid: str, **opts: Any) -> Iterator[RunningContainer]:
-    """A running container with the marker's options, for use in fixtures of any scope."""
-    tc = options.merge(nodeid, {}, [pytest.mark.container(**opts).mark])
+def start_container(
+    config: pytest.Config, *, where: str = "start_container", **opts: Any
+) -> Iterator[RunningContainer]:
+    """A running container with the marker's options, for fixtures of any scope::
+
+    @pytest.fixture(scope="module")
+    def db(pytestconfig):
+        with start_container(pytestconfig, hostname="db") as c:
+            yield c
+    """
+    engine: Engine = config.stash[session.ENGINE_KEY]
+    tc = options.merge(where, {}, [pytest.mark.container(**opts).mark])
     c = engine.create(session.container_spec(tc, idle=True))
     running = RunningContainer(c)
     try:
@@ -143,19 +152,20 @@ def _marker_options(item: pytest.Item) -> dict[str, Any]:
 @pytest.fixture
 def container(request: pytest.FixtureRequest) -> Iterator[RunningContainer]:
     """A running container of the ``container`` marker's image (default: host), removed after the test."""
-    engine: Engine = request.config.stash[session.ENGINE_KEY]
-    with start_container(engine, request.node.nodeid, **_marker_options(request.node)) as c:
+    opts = _marker_options(request.node)
+    with start_container(request.config, where=request.node.nodeid, **opts) as c:
         yield c
 
 
 @pytest.fixture
 def container_factory(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Start several containers: ``container_factory(image=..., **options)``; all removed after the test."""
-    engine: Engine = request.config.stash[session.ENGINE_KEY]
     stack = contextlib.ExitStack()
 
     def make(**opts: Any) -> RunningContainer:
-        return stack.enter_context(start_container(engine, request.node.nodeid, **opts))
+        return stack.enter_context(
+            start_container(request.config, where=request.node.nodeid, **opts)
+        )
 
     with stack:
         yield make
