@@ -82,6 +82,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[session.ENGINE_KEY] = Engine()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    engine = config.stash.get(session.ENGINE_KEY, None)
+    if engine is not None:
+        engine.close()
+
+
 def _isolate_all(config: pytest.Config) -> bool:
     if config.getoption("--no-isolate"):
         return False

@@ -175,12 +175,16 @@ def _run_in_container(
         _receive(item, parent_end, outcome, deadline, tc.image, extra)
         if outcome.timed_out:
             containers[0].kill()
-        outcome.status = proc.wait()
+        if not outcome.done:
+            outcome.status = proc.wait()
     finally:
         parent_end.close()
         child_end.close()
         for c in containers:
-            c.remove()
+            if outcome.done:
+                c.retire()  # it is exiting: reap it later, off this test's critical path
+            else:
+                c.remove()
     if not outcome.done:
         return _report_crash(item, tc, outcome, start)
     return outcome.teardown

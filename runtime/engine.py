@@ -62,6 +62,19 @@ class Engine:
     def __init__(self, state_root: Path | None = None) -> None:
         self.state_root = state_root or state.default_root()
         self._swept = False
+        self._pending: list[Container] = []
+
+    def _collect(self, block: bool) -> None:
+        """Reap retired containers (see :meth:`Container.retire`); all of them if ``block``."""
+        for c in list(self._pending):
+            if block:
+                c.remove()
+            elif not c._reaped():
+                break
+
+    def close(self) -> None:
+        """Wait for every retired container and remove what is left (idempotent)."""
+        self._collect(block=True)
 
     @functools.cached_property
     def _host_mount_table(self) -> list[rootfs.HostMount]:
@@ -96,6 +109,7 @@ class Engine:
         if not self._swept:
             state.sweep(self.state_root)
             self._swept = True
+        self._collect(block=False)
         st = state.create(self.state_root)
         try:
             paths = rootfs.StatePaths(str(st.path))
@@ -126,7 +140,9 @@ class Engine:
         except BaseException:
             st.release()
             raise
-        return Container(spec, st, plan, overlays)
+        container = Container(spec, st, plan, overlays)
+        container._engine = self
+        return container
 
     def run(
         self, spec: ContainerSpec, stdio: Sequence[int | None] = (None, None, None)
@@ -251,6 +267,7 @@ class Container:
         self._plan = plan
         self.overlays = tuple(overlays)
         self.process: ContainerProcess | None = None
+        self._engine: Engine | None = None
 
     def __enter__(self) -> Container:
         return self
@@ -296,6 +313,7 @@ class Container:
 
     def remove(self) -> None:
         """Kill what still runs and delete the state directory (idempotent)."""
+        self._engine_pending_discard()
         if self.process is not None:
             if self.process.returncode is None:
                 self.process.kill()
@@ -303,6 +321,33 @@ class Container:
                     self.process.wait()
             self.process.close()
         self._state.release()
+
+    def retire(self) -> None:
+        """Let a container that is ending by itself finish in the background.
+
+        Its PID 1 is exiting (the kernel is tearing its namespaces down); instead of waiting
+        for that here, the engine reaps it and removes its state at its next ``create`` or at
+        :meth:`Engine.close`. This takes the teardown off the caller's critical path.
+        """
+        if self._engine is None or self.process is None or self.process.returncode is not None:
+            self.remove()
+            return
+        self._engine._pending.append(self)
+
+    def _reaped(self) -> bool:
+        """Non-blocking: has the retired container ended? Then remove it."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            pid, status = os.waitpid(self.process.pid, os.WNOHANG)
+            if not pid:
+                return False
+            self.process.set_status(status)
+        self.remove()
+        return True
+
+    def _engine_pending_discard(self) -> None:
+        if self._engine is not None and self in self._engine._pending:
+            self._engine._pending.remove(self)
 
     # --- exec and copy: helpers forked from the caller that join the running container ---
 

@@ -119,6 +119,11 @@ class ContainerProcess:
     def returncode(self) -> ExitStatus | None:
         return self._status
 
+    def set_status(self, wait_status: int) -> None:
+        """Record an exit already reaped by the caller (``waitpid`` with ``WNOHANG``)."""
+        self._status = ExitStatus.from_wait_status(wait_status)
+        self.close()
+
     def _handle(self, msg: dict[str, Any] | bytes | None) -> None:
         if not isinstance(msg, dict):
             return
