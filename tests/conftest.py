@@ -6,6 +6,8 @@ import pytest
 
 from runtime import probe
 
+pytest_plugins = ["pytester"]  # tests/plugin drives real pytest sessions
+
 _PROBES = {
     "needs_root": lambda: probe.Probe(probe.is_root(), "needs real root (uid 0)"),
     "needs_userns": probe.user_namespaces,
