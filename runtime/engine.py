@@ -123,8 +123,11 @@ class Engine:
                 host_mount_points=[m.target for m in self._host_mount_table],
             )
             _prepare_state(paths, overlays, spec, self._host_top if userns else [])
+            ns_flags = self._ns_flags
+            if spec.network == "host":
+                ns_flags &= ~_sys.CLONE_NEWNET
             plan = LaunchPlan(
-                ns_flags=self._ns_flags,
+                ns_flags=ns_flags,
                 idmap=idmap.host_plan() if userns else None,
                 mounts=tuple(rootfs.plan_mounts(spec, overlays, paths, rootless=userns)),
                 hostname=spec.hostname,
@@ -199,7 +202,18 @@ def _prepare_state(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         f"127.0.1.1\t{spec.hostname}\n"
     )
-    (etc / "resolv.conf").write_text("# network: none\n")
+    if spec.network == "host":
+        (etc / "resolv.conf").write_text(_read_or("/etc/resolv.conf", ""))
+        (etc / "hosts").write_text(_read_or("/etc/hosts", "127.0.0.1\tlocalhost\n"))
+    else:
+        (etc / "resolv.conf").write_text("# network: none\n")
+
+
+def _read_or(path: str, default: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return default
 
 
 class Helper:

@@ -409,8 +409,9 @@ def _init(
         rootfs.apply(plan.mounts, _sys.RealSyscalls())
         stage.name = "hostname"
         socket.sethostname(plan.hostname)
-        stage.name = "network"
-        _sys.set_loopback_up()
+        if plan.ns_flags & _sys.CLONE_NEWNET:
+            stage.name = "network"
+            _sys.set_loopback_up()
         stage.name = "user"
         if plan.user is None and target is not None:
             user = process.ROOT  # a callable keeps the caller's environment; no HOME to look up

@@ -330,8 +330,12 @@ def plan_mounts(
         Mkdir(r + "/dev/mqueue"),
         Mount("mqueue", r + "/dev/mqueue", "mqueue", nosuid_nodev_noexec),
         Mkdir(r + "/sys"),
-        Mount("sysfs", r + "/sys", "sysfs", nosuid_nodev_noexec | MS_RDONLY),
     ]
+    if rootless and spec.network == "host":
+        # A fresh sysfs needs a network namespace of our own; share the host's, read-only.
+        ops += [Mount("/sys", r + "/sys", None, MS_BIND | MS_REC), RemountReadOnly(r + "/sys")]
+    else:
+        ops.append(Mount("sysfs", r + "/sys", "sysfs", nosuid_nodev_noexec | MS_RDONLY))
     for name in ("hostname", "hosts", "resolv.conf"):
         target = f"{r}/etc/{name}"
         ops += [

@@ -19,6 +19,10 @@ from runtime.errors import SpecError
 HOST = "host"
 """The image name that means "the host's own root filesystem, read-only, with a private layer"."""
 
+NETWORK_MODES = ("none", "host")
+"""``none``: a private network namespace with only loopback. ``host``: the host's network
+(no network namespace), as ``docker run --network=host``; the builder uses it for ``RUN``."""
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
@@ -53,6 +57,8 @@ def _check_target(target: str, what: str) -> None:
         raise SpecError(f"{what} target must be an absolute path inside the container: {target!r}")
     if ".." in target.split("/"):
         raise SpecError(f"{what} target must not contain '..': {target!r}")
+    if target.strip("/") == "":
+        raise SpecError(f"{what} target must not be the root directory: {target!r}")
 
 
 @dataclass(frozen=True)
@@ -102,15 +108,21 @@ class ContainerSpec:
     def __post_init__(self) -> None:
         if self.argv is not None and not self.argv:
             raise SpecError("the command must not be empty")
+        if self.argv is not None and any("\0" in a for a in self.argv):
+            raise SpecError(f"the command must not contain NUL characters: {self.argv!r}")
         if not self.cwd.startswith("/"):
             raise SpecError(f"working directory must be absolute: {self.cwd!r}")
         if not _HOSTNAME_RE.match(self.hostname):
             raise SpecError(f"invalid hostname: {self.hostname!r}")
-        if self.network not in ("none",):
-            raise SpecError(f"unsupported network mode {self.network!r} (supported: none)")
-        for key in self.env:
+        if self.network not in NETWORK_MODES:
+            raise SpecError(
+                f"unsupported network mode {self.network!r} (supported: {', '.join(NETWORK_MODES)})"
+            )
+        for key, value in self.env.items():
             if not key or "=" in key or "\0" in key:
                 raise SpecError(f"invalid environment variable name: {key!r}")
+            if "\0" in value:
+                raise SpecError(f"environment variable {key!r} contains a NUL character")
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "argv", None if self.argv is None else tuple(self.argv))
 
