@@ -21,8 +21,22 @@ LEGACY_MARKER = "isolate"
 """The marker of the older pytest-isolate plugin (``timeout``, ``mem_limit``, ``cpu_limit``)."""
 
 KNOWN = frozenset(
-    "image build_args target env workdir user hostname volumes tmpfs read_only network timeout "
-    "mem_limit cpu_limit".split()
+    [
+        "image",
+        "build_args",
+        "target",
+        "env",
+        "workdir",
+        "user",
+        "hostname",
+        "volumes",
+        "tmpfs",
+        "read_only",
+        "network",
+        "timeout",
+        "mem_limit",
+        "cpu_limit",
+    ]
 )
 LIMITS = ("mem_limit", "cpu_limit")
 
@@ -49,11 +63,10 @@ class TestContainer:
 
 def wanted(markers: Iterable[pytest.Mark], isolate_all: bool) -> bool:
     """Does a test run in a container? The closest ``container`` marker decides, then ``--isolate``."""
-    for mark in markers:
-        if mark.args and mark.args[0] is False:
-            return False
-        return True
-    return isolate_all
+    closest = next(iter(markers), None)
+    if closest is None:
+        return isolate_all
+    return not (closest.args and closest.args[0] is False)
 
 
 def merge(

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
 import select
+import signal
 import socket
 import tarfile
 import tempfile
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime import _sys, control, idmap, launch, probe, process, rootfs, state
+from runtime.diff import Change, upper_changes
+from runtime.diff import merge as merge_changes
 from runtime.errors import (
     ContainerError,
     ContainerStateError,
@@ -32,8 +34,6 @@ from runtime.errors import (
     SpecError,
     UnsupportedHostError,
 )
-from runtime.diff import Change, upper_changes
-from runtime.diff import merge as merge_changes
 from runtime.image import layer
 from runtime.launch import ContainerProcess, ExitStatus, LaunchPlan
 from runtime.spec import ContainerSpec
@@ -516,11 +516,13 @@ class Container:
         pid, sock = self._fork_inside(body, keep=(r,))
         os.close(r)
         try:
-            with os.fdopen(w, "wb") as f:
-                with tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    tar.add(src, arcname=name, filter=_as_root)
+            with (
+                os.fdopen(w, "wb") as f,
+                tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                tar.add(src, arcname=name, filter=_as_root)
         except BrokenPipeError:
-            pass
+            pass  # the helper failed; its error comes from wait() below
         finally:
             status = Helper(pid, sock).wait()
         if status.exit_code != 0:

@@ -449,7 +449,7 @@ def _init(
             _run_callable(sock, target)
         if plan.argv is None:
             _idle(sock)
-        assert exe is not None
+        assert exe is not None and plan.argv is not None
         if plan.init:
             stage.name = "spawn"
             _spawn_and_reap(plan, sock, exe, env, master, slave_path)

@@ -6,6 +6,7 @@ Resolution is pure (it takes the text of the container's ``/etc/passwd`` and ``/
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -185,10 +186,8 @@ def drop_privileges(user: User, caps: int) -> None:
     """
     _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
     _sys.drop_bounding_caps(caps)
-    try:
+    with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
         _sys.prctl(_sys.PR_CAP_AMBIENT, _sys.PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass
     try:
         os.setgroups(list(user.groups))
     except PermissionError:

@@ -266,9 +266,7 @@ def plan_overlays(
             # A directory with submounts of its own cannot be a lower layer rootless; its
             # data submounts still get overlays below, its own files are not shown.
             continue
-        add(
-            path, tuple(f"{low}{path}" for low in lowers if os.path.isdir(f"{low}{path}")) + (path,)
-        )
+        add(path, (*tuple(f"{low}{path}" for low in lowers if os.path.isdir(f"{low}{path}")), path))
     for target in host_data_mounts:
         if target.count("/") > 1 or target not in {"/" + n for n in host_top_dirs}:
             add(target, (target,))

@@ -49,7 +49,9 @@ def default_root(
             return Path(base) / "pytest-isolate" / "containers"
     if tmpfs("/dev/shm"):
         return Path(f"/dev/shm/pytest-isolate-{uid}") / "containers"
-    cache = e.get("XDG_CACHE_HOME") or os.path.join(e.get("HOME") or os.path.expanduser("~"), ".cache")
+    cache = e.get("XDG_CACHE_HOME") or os.path.join(
+        e.get("HOME") or os.path.expanduser("~"), ".cache"
+    )
     return Path(cache) / "pytest-isolate" / "containers"
 
 
