@@ -16,6 +16,7 @@ import functools
 import os
 import select
 import signal
+import stat
 import socket
 import tarfile
 import tempfile
@@ -188,6 +189,7 @@ def _prepare_state(
     for ov in overlays:
         os.makedirs(ov.upper)
         os.makedirs(ov.work)
+        _copy_top_attributes(ov)
     if skeleton:
         os.mkdir(paths.skeleton)
         for name, link in skeleton:
@@ -207,6 +209,20 @@ def _prepare_state(
         (etc / "hosts").write_text(_read_or("/etc/hosts", "127.0.0.1\tlocalhost\n"))
     else:
         (etc / "resolv.conf").write_text("# network: none\n")
+
+
+def _copy_top_attributes(ov: rootfs.Overlay) -> None:
+    """The merged root of an overlay shows its *upper* directory's mode and owner: copy them
+    from the topmost lower, or a 1777 ``/tmp`` would become a 0755 one."""
+    for lower in ov.lowers:
+        try:
+            st = os.stat(lower)
+        except OSError:
+            continue
+        os.chmod(ov.upper, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:
+            os.chown(ov.upper, st.st_uid, st.st_gid)
+        return
 
 
 def _read_or(path: str, default: str) -> str:
