@@ -7,6 +7,7 @@ Resolution is pure (it takes the text of the container's ``/etc/passwd`` and ``/
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -178,6 +179,24 @@ def read_text(path: str) -> str:
         return ""
 
 
+SINGLE_ID_HINT = (
+    "cannot switch to user {user} ({uid}:{gid}): this user namespace maps only your own uid. "
+    "Images with several users need subordinate ids: install newuidmap/newgidmap (Debian: "
+    "apt-get install uidmap) and give your user ranges in /etc/subuid and /etc/subgid "
+    "(usermod --add-subuids 100000-165535 --add-subgids 100000-165535 $USER)"
+)
+
+
+def _single_id_map() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return False
+    ranges = [line.split() for line in lines if line.strip()]
+    return len(ranges) == 1 and ranges[0][2] == "1"
+
+
 def drop_privileges(user: User, caps: int) -> None:
     """No new privileges, a reduced bounding set, then the user's ids.
 
@@ -189,12 +208,19 @@ def drop_privileges(user: User, caps: int) -> None:
     with contextlib.suppress(OSError):  # kernels before 4.3 have no ambient set
         _sys.prctl(_sys.PR_CAP_AMBIENT, _sys.PR_CAP_AMBIENT_CLEAR_ALL)
     try:
-        os.setgroups(list(user.groups))
-    except PermissionError:
-        # A single-id user namespace has setgroups denied; with no groups to set, that is fine.
-        if user.groups:
-            raise
-    os.setresgid(user.gid, user.gid, user.gid)
-    os.setresuid(user.uid, user.uid, user.uid)
+        try:
+            os.setgroups(list(user.groups))
+        except PermissionError:
+            # A single-id user namespace denies setgroups; with no groups to set, that is fine.
+            if user.groups:
+                raise
+        os.setresgid(user.gid, user.gid, user.gid)
+        os.setresuid(user.uid, user.uid, user.uid)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EPERM) and _single_id_map():
+            raise OSError(
+                e.errno, SINGLE_ID_HINT.format(user=user.name, uid=user.uid, gid=user.gid)
+            ) from e
+        raise
     if user.uid == 0:
         _sys.capset(caps, caps, 0)
