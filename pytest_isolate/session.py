@@ -168,6 +168,7 @@ def _run_in_container(
             _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
             return None
         proc = started.result
+        engine.collect()  # the previous test's container, while this one runs on another core
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
         # The setup report's duration covers what plain pytest's would: the wider fixtures
         # set up here, and the container's start (the price of isolation, shown honestly).

@@ -57,6 +57,10 @@ class ExecResult:
         return self.status.exit_code
 
 
+MAX_RETIRED = 8
+"""Retired containers :meth:`Engine.create` lets wait before it reaps them itself."""
+
+
 class Engine:
     """Creates containers; holds per-host facts (mount table, id map) computed once."""
 
@@ -72,6 +76,10 @@ class Engine:
                 c.remove()
             elif not c._reaped():
                 break
+
+    def collect(self) -> None:
+        """Remove retired containers that have ended; cheap, meant for idle moments."""
+        self._collect(block=False)
 
     def close(self) -> None:
         """Wait for every retired container and remove what is left (idempotent)."""
@@ -110,7 +118,8 @@ class Engine:
         if not self._swept:
             state.sweep(self.state_root)
             self._swept = True
-        self._collect(block=False)
+        if len(self._pending) > MAX_RETIRED:
+            self._collect(block=False)
         st = state.create(self.state_root)
         try:
             paths = rootfs.StatePaths(str(st.path))

@@ -4,15 +4,17 @@ The sequence (each stage sets ``PR_SET_PDEATHSIG`` and checks that its parent is
 so nothing outlives a SIGKILLed caller)::
 
     caller        fork ──────────────┐
-                                     intermediate: [unshare user ns -> "userns" -> wait "mapped"]
-    caller        write id maps      unshare mnt/uts/ipc/net/cgroup/pid
-                  send "mapped"      fork ──────────────┐
+                                     intermediate: [unshare user ns -> "userns"] -> wait "go"
+    caller        [write id maps]    unshare mnt/uts/ipc/net/cgroup/pid
+                  send "go"          fork ──────────────┐
                                      send "init" pid    init (PID 1): mounts, pivot_root,
                                      wait, mirror exit  hostname, loopback, user, privileges,
                                                         then: exec | spawn + reap | callable
 
 The intermediate mirrors the init's exit (code, or the same signal), so the caller's
-``waitpid`` says exactly how the container ended. Any failure in a stage is sent as
+``waitpid`` says exactly how the container ended. As root without a user namespace there is no
+intermediate: the caller forks the init directly into a new pid namespace (see
+:func:`_fork_into_new_pid_namespace`), which saves a fork of a possibly large caller. Any failure in a stage is sent as
 ``{"t": "error", "stage", "errno", "detail"}`` and the stage exits: a container never runs its
 workload half-isolated.
 """
@@ -114,6 +116,7 @@ class ContainerProcess:
         self.pty_master: int | None = None
         self._status: ExitStatus | None = None
         self._pidfd: int | None = None
+        self.early_result: bytes | None = None
 
     @property
     def returncode(self) -> ExitStatus | None:
@@ -153,9 +156,16 @@ class ContainerProcess:
                 if msg.get("pty"):
                     _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
                     self.pty_master = fds[0]
-                if self.init_pid is None:
-                    # The intermediate's "init" frame is in flight; it comes before any exit.
-                    self._handle(control.recv(self.sock))
+                while self.init_pid is None:
+                    # The intermediate's "init" frame is in flight; a callable's result may
+                    # overtake it and is kept for callable_result().
+                    frame = control.recv(self.sock)
+                    if frame is None:
+                        break
+                    if isinstance(frame, bytes):
+                        self.early_result = frame
+                    else:
+                        self._handle(frame)
                 return
 
     def _fail_early(self, what: str) -> None:
@@ -604,7 +614,13 @@ def callable_result(proc: ContainerProcess, timeout: float | None = None) -> Any
         ready, _, _ = select.select([proc.sock], [], [], timeout)
         if not ready:
             raise TimeoutError(f"callable still running after {timeout} s")
-    payload = control.recv(proc.sock)
+    payload = proc.early_result
+    while payload is None:
+        frame = control.recv(proc.sock)
+        if frame is None or isinstance(frame, bytes):
+            payload = frame
+            break
+        proc._handle(frame)  # a late control frame ("init") is not the result
     status = proc.wait()
     if not isinstance(payload, bytes):
         raise ContainerError(f"the container ended without a result ({status})")
