@@ -16,8 +16,8 @@ import functools
 import os
 import select
 import signal
-import stat
 import socket
+import stat
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
