@@ -131,6 +131,7 @@ class Engine:
                 split=userns,
                 state=paths,
                 host_mount_points=[m.target for m in self._host_mount_table],
+                host_paths=spec.rootfs.host_paths,
             )
             _prepare_state(paths, overlays, spec, self._host_top if userns else [])
             ns_flags = self._ns_flags

@@ -236,6 +236,7 @@ def plan_overlays(
     split: bool,
     state: StatePaths,
     host_mount_points: Sequence[str] = (),
+    host_paths: Sequence[str] = (),
 ) -> list[Overlay]:
     """The overlay mounts that make the root filesystem, in mount order.
 
@@ -250,6 +251,8 @@ def plan_overlays(
 
     if not host:
         add("/", tuple(lowers))
+        for path in outermost(host_paths):
+            add(path, (path,))
         return overlays
     if not split:
         add("/", (*lowers, "/"))
@@ -271,6 +274,12 @@ def plan_overlays(
         if target.count("/") > 1 or target not in {"/" + n for n in host_top_dirs}:
             add(target, (target,))
     return overlays
+
+
+def outermost(paths: Iterable[str]) -> list[str]:
+    """``paths`` without those inside another one (a mount of the outer shows them), sorted."""
+    norm = sorted({os.path.normpath(p) for p in paths})
+    return [p for p in norm if not any(q != p and _under(p, q) for q in norm)]
 
 
 def overlay_options(ov: Overlay, userxattr: bool) -> str:

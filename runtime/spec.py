@@ -67,17 +67,22 @@ class Rootfs:
 
     ``lowers`` are read-only directories, topmost first (overlayfs order). ``host=True`` means the
     host's own ``/`` as the bottom layer (the "host" image); ``lowers`` then go on top of it.
+    ``host_paths`` are host directories shown at the same paths on top of an image, each
+    copy-on-write (the pytest plugin shows the project and the Python installation this way).
     """
 
     lowers: tuple[str, ...] = ()
     host: bool = False
+    host_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.lowers and not self.host:
             raise SpecError("a root filesystem needs at least one layer (or host=True)")
-        for d in self.lowers:
+        for d in (*self.lowers, *self.host_paths):
             if not os.path.isabs(d):
                 raise SpecError(f"layer directory must be absolute: {d!r}")
+        if self.host and self.host_paths:
+            raise SpecError("host_paths are for images; the host image shows every host path")
 
 
 @dataclass(frozen=True)
