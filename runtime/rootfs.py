@@ -107,12 +107,18 @@ class HostMount:
 
 @dataclass(frozen=True)
 class Overlay:
-    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container."""
+    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container.
+
+    ``mount_lowers``, when set, is what the mount really stacks (paths valid only inside the
+    container's mount namespace, such as the layers view); ``lowers`` stays the host paths, for
+    ``diff`` and ``commit``.
+    """
 
     target: str
     lowers: tuple[str, ...]
     upper: str
     work: str
+    mount_lowers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,15 @@ class StatePaths:
     def skeleton(self) -> str:
         return f"{self.root}/skeleton"
 
+    @property
+    def layers_view(self) -> str:
+        """Where the image layers are stacked read-only when they go on top of the host."""
+        return f"{self.root}/layers"
+
+    @property
+    def empty(self) -> str:
+        return f"{self.root}/empty"
+
     def upper(self, index: int) -> str:
         return f"{self.root}/upper/{index}"
 
@@ -254,8 +269,23 @@ def plan_overlays(
         for path in outermost(host_paths):
             add(path, (path,))
         return overlays
+    # Image layers on top of the host: the kernel refuses lower layers where one lies inside
+    # another ("overlapping lowerdir", ELOOP), and the store's layers lie inside "/". Stacking
+    # the layers first, in an overlay of their own (another filesystem), avoids the overlap.
+    view = state.layers_view
+
+    def on_host(path: str, host_path: str) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+        if path == "/":
+            inside = list(lowers)
+        else:
+            inside = [low + path for low in lowers if os.path.isdir(low + path)]
+        if not inside:
+            return (host_path,), None
+        return (*inside, host_path), (view + ("" if path == "/" else path), host_path)
+
     if not split:
-        add("/", (*lowers, "/"))
+        real, mounted = on_host("/", "/")
+        overlays.append(Overlay("/", real, state.upper(0), state.work(0), mounted))
         for target in host_data_mounts:
             add(target, (target,))
         return overlays
@@ -269,7 +299,9 @@ def plan_overlays(
             # A directory with submounts of its own cannot be a lower layer rootless; its
             # data submounts still get overlays below, its own files are not shown.
             continue
-        add(path, (*tuple(f"{low}{path}" for low in lowers if os.path.isdir(f"{low}{path}")), path))
+        real, mounted = on_host(path, path)
+        i = len(overlays)
+        overlays.append(Overlay(path, real, state.upper(i), state.work(i), mounted))
     for target in host_data_mounts:
         if target.count("/") > 1 or target not in {"/" + n for n in host_top_dirs}:
             add(target, (target,))
@@ -282,11 +314,14 @@ def outermost(paths: Iterable[str]) -> list[str]:
     return [p for p in norm if not any(q != p and _under(p, q) for q in norm)]
 
 
-def overlay_options(ov: Overlay, userxattr: bool) -> str:
-    def esc(p: str) -> str:
-        return p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+def _esc(p: str) -> str:
+    """Escape a path for an overlay option list (``:`` separates layers, ``,`` options)."""
+    return p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
-    opts = f"lowerdir={':'.join(esc(p) for p in ov.lowers)},upperdir={esc(ov.upper)},workdir={esc(ov.work)}"
+
+def overlay_options(ov: Overlay, userxattr: bool) -> str:
+    lowers = ov.mount_lowers or ov.lowers
+    opts = f"lowerdir={':'.join(_esc(p) for p in lowers)},upperdir={_esc(ov.upper)},workdir={_esc(ov.work)}"
     if userxattr:
         opts += ",userxattr"
     return opts
@@ -302,6 +337,20 @@ def plan_mounts(
     r = state.rootfs
     nosuid_nodev_noexec = MS_NOSUID | MS_NODEV | MS_NOEXEC
     ops: list[Op] = [Mount(None, "/", None, MS_REC | MS_PRIVATE)]
+    if spec.rootfs.host and spec.rootfs.lowers:
+        # Read-only, so an empty directory stands in for the second layer the kernel requires.
+        low = ":".join(_esc(p) for p in (*spec.rootfs.lowers, state.empty))
+        ops += [
+            Mkdir(state.empty),
+            Mkdir(state.layers_view),
+            Mount(
+                "overlay",
+                state.layers_view,
+                "overlay",
+                MS_RDONLY,
+                f"lowerdir={low}" + (",userxattr" if rootless else ""),
+            ),
+        ]
     for ov in overlays:
         target = r if ov.target == "/" else r + ov.target
         if ov.target != "/":

@@ -267,7 +267,8 @@ def test_the_host_image_as_root_is_slash_plus_one_overlay_per_data_mount(
         ("/l/top",), True, ["/home", "/srv/data"], HOST_TOP, split=False, state=state
     )
     assert overlays == [
-        Overlay("/", ("/l/top", "/"), state.upper(0), state.work(0)),
+        # The layers are stacked in a view of their own first (no overlapping lower layers).
+        Overlay("/", ("/l/top", "/"), state.upper(0), state.work(0), (state.layers_view, "/")),
         Overlay("/home", ("/home",), state.upper(1), state.work(1)),
         Overlay("/srv/data", ("/srv/data",), state.upper(2), state.work(2)),
     ]
