@@ -323,7 +323,11 @@ def overlay_options(ov: Overlay, userxattr: bool) -> str:
     lowers = ov.mount_lowers or ov.lowers
     opts = f"lowerdir={':'.join(_esc(p) for p in lowers)},upperdir={_esc(ov.upper)},workdir={_esc(ov.work)}"
     if userxattr:
-        opts += ",userxattr"
+        opts += ",userxattr"  # redirect_dir and metacopy are off in a user namespace anyway
+    else:
+        # What a container writes must be expressible as a layer tar (commit, build): no
+        # redirect or metacopy xattrs pointing into lower layers, whatever the module defaults.
+        opts += ",redirect_dir=off,metacopy=off"
     return opts
 
 

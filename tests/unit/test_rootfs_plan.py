@@ -242,6 +242,7 @@ def test_overlay_options_list_lowers_topmost_first() -> None:
     ov = Overlay("/", ("/layers/top", "/layers/base"), "/s/upper/0", "/s/work/0")
     assert overlay_options(ov, userxattr=False) == (
         "lowerdir=/layers/top:/layers/base,upperdir=/s/upper/0,workdir=/s/work/0"
+        ",redirect_dir=off,metacopy=off"
     )
 
 
