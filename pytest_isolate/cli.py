@@ -1,20 +1,26 @@
-"""The docker-like command line: ``pytest-isolate run|...`` on the same engine as the plugin.
+"""The docker-like command line: ``pytest-isolate run|build|images|...`` on the same engine as
+the plugin.
 
-Exit status follows docker: the container's own code, 128+N for a death by signal N, 125 when
-the container could not be set up, 126/127 when the command cannot be executed / found.
+``run`` exits as ``docker run`` does: the container's own code, 128+N for a death by signal N,
+125 when the container could not be set up, 126/127 when the command cannot be executed / found.
+The image commands (:mod:`pytest_isolate.cli_images`) exit 1 when they fail; a command line that
+does not parse exits 2 (argparse).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from runtime import ContainerSpec, Engine, Rootfs
-from runtime.errors import ExecError, IsolateError, SpecError
-from runtime.spec import HOST, parse_env, parse_tmpfs, parse_volume
+from pytest_isolate import cli_build, cli_images
+from runtime import ContainerSpec, Engine
+from runtime.errors import ExecError, IsolateError
+from runtime.spec import parse_tmpfs, parse_volume
 
 EXIT_SETUP = 125
 EXIT_CANNOT_EXEC = 126
@@ -27,11 +33,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Run processes in hermetic Linux namespace containers (no daemon needed).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    cli_build.add_command(sub)
+    cli_images.add_commands(sub)
+    return p
+
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser(
         "run",
         help="run a command in a new container",
         description="Run a command in a new container, like `docker run`.",
-        usage="pytest-isolate run [OPTIONS] IMAGE COMMAND [ARG...]",
+        usage="pytest-isolate run [OPTIONS] IMAGE [COMMAND] [ARG...]",
     )
     run.add_argument(
         "--rm", action="store_true", help="remove the container when it exits (default)"
@@ -81,36 +94,42 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="run a tiny init as PID 1 that forwards signals and reaps zombies (default: on)",
     )
-    run.add_argument("image", metavar="IMAGE", help="'host', or a root filesystem directory")
+    run.add_argument(
+        "--entrypoint",
+        default=None,
+        metavar="CMD",
+        help="replace the image's ENTRYPOINT (and drop its CMD); '' clears it",
+    )
+    run.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="an image of the store, 'host', or a root filesystem directory (./rootfs)",
+    )
     run.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="COMMAND", help="command and arguments"
     )
-    return p
-
-
-def _rootfs(image: str) -> Rootfs:
-    if image == HOST:
-        return Rootfs(host=True)
-    if os.path.isdir(image):
-        return Rootfs(lowers=(os.path.abspath(image),))
-    raise SpecError(
-        f"no such image or root filesystem directory: {image!r} "
-        "(use 'host' or a directory holding a root filesystem)"
-    )
+    run.set_defaults(handler=None)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not args.cmd:
-        raise SpecError("run needs a COMMAND after the IMAGE")
-    spec = ContainerSpec(
-        rootfs=_rootfs(args.image),
-        argv=tuple(args.cmd),
-        env={
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            **parse_env(args.env, os.environ),
-        },
-        cwd=args.workdir or "/",
+    from pytest_isolate import cli_run  # images and the Dockerfile parser: only for run
+
+    image, store = cli_run.runnable(args.image, cli_images.open_store)
+    plan = cli_run.plan_process(
+        image,
+        command=args.cmd,
+        entrypoint=args.entrypoint,
+        env_items=args.env,
+        caller_env=os.environ,
+        workdir=args.workdir,
         user=args.user,
+    )
+    spec = ContainerSpec(
+        rootfs=image.rootfs,
+        argv=plan.argv,
+        env=plan.env,
+        cwd=plan.cwd,
+        user=plan.user,
         hostname=args.hostname,
         binds=tuple(parse_volume(v) for v in args.volume),
         tmpfs=tuple(parse_tmpfs(t) for t in args.tmpfs),
@@ -119,6 +138,13 @@ def _run(args: argparse.Namespace) -> int:
         tty=args.tty,
         init=args.init,
     )
+    # While a container runs on the store's layers, a prune waits (it takes the guard's lock
+    # exclusively), so no layer directory is deleted under a running container.
+    with store.guard() if store is not None else contextlib.nullcontext():
+        return _run_container(spec, args)
+
+
+def _run_container(spec: ContainerSpec, args: argparse.Namespace) -> int:
     engine = Engine()
     with engine.create(spec) as container:
         stdin = None if args.interactive or args.tty else os.open(os.devnull, os.O_RDONLY)
@@ -151,16 +177,28 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "run":
+    if args.command == "run":
+        try:
             return _run(args)
-    except ExecError as e:
-        print(f"pytest-isolate: {e}", file=sys.stderr)
-        return EXIT_NOT_FOUND if e.errno == 2 else EXIT_CANNOT_EXEC
+        except ExecError as e:
+            print(f"pytest-isolate: {e}", file=sys.stderr)
+            return EXIT_NOT_FOUND if e.errno == 2 else EXIT_CANNOT_EXEC
+        except IsolateError as e:
+            print(f"pytest-isolate: {e}", file=sys.stderr)
+            return EXIT_SETUP
+    try:
+        store = cli_images.open_store()
+        return int(args.handler(args, store, sys.stdout, sys.stderr))
     except IsolateError as e:
         print(f"pytest-isolate: {e}", file=sys.stderr)
-        return EXIT_SETUP
-    return 2
+        return cli_images.EXIT_FAILED
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader went away (`images | head`): stop quietly, and keep Python's exit-time
+        # flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return cli_images.EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -94,8 +95,8 @@ class Engine:
         return rootfs.data_mounts(self._host_mount_table)
 
     @functools.cached_property
-    def _host_top(self) -> list[tuple[str, str | None]]:
-        return rootfs.skeleton_entries("/")
+    def _host_top(self) -> list[tuple[str, str, str | None]]:
+        return rootfs.list_host_dir("/")
 
     @functools.cached_property
     def _ns_flags(self) -> int:
@@ -123,17 +124,19 @@ class Engine:
         st = state.create(self.state_root)
         try:
             paths = rootfs.StatePaths(str(st.path))
-            overlays = rootfs.plan_overlays(
+            layout = rootfs.plan_overlays(
                 spec.rootfs.lowers,
                 spec.rootfs.host,
                 self._host_mounts,
-                [name for name, link in self._host_top if link is None],
+                self._host_top,
                 split=userns,
                 state=paths,
                 host_mount_points=[m.target for m in self._host_mount_table],
                 host_paths=spec.rootfs.host_paths,
+                list_dir=rootfs.list_host_dir,
             )
-            _prepare_state(paths, overlays, spec, self._host_top if userns else [])
+            overlays = layout.overlays
+            _prepare_state(paths, overlays, spec, layout.skeleton)
             ns_flags = self._ns_flags
             if spec.network == "host":
                 ns_flags &= ~_sys.CLONE_NEWNET
@@ -193,7 +196,7 @@ def _prepare_state(
     paths: rootfs.StatePaths,
     overlays: Sequence[rootfs.Overlay],
     spec: ContainerSpec,
-    skeleton: Sequence[tuple[str, str | None]],
+    skeleton: Sequence[rootfs.SkeletonEntry],
 ) -> None:
     os.mkdir(paths.rootfs)
     for ov in overlays:
@@ -202,11 +205,15 @@ def _prepare_state(
         _copy_top_attributes(ov)
     if skeleton:
         os.mkdir(paths.skeleton)
-        for name, link in skeleton:
-            if link is None:
-                os.mkdir(f"{paths.skeleton}/{name}")
+        for entry in skeleton:
+            where = paths.skeleton + entry.path
+            if entry.kind == "dir":
+                os.mkdir(where)
+            elif entry.kind == "link":
+                os.symlink(entry.link or "", where)
             else:
-                os.symlink(link, f"{paths.skeleton}/{name}")
+                with contextlib.suppress(OSError):  # unreadable (rootless): not shown
+                    shutil.copy2(entry.path, where, follow_symlinks=False)
     etc = Path(paths.etc_file(""))
     etc.mkdir()
     (etc / "hostname").write_text(spec.hostname + "\n")

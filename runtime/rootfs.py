@@ -14,7 +14,8 @@ and each top-level directory gets its own overlay.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from runtime import _sys
@@ -107,18 +108,12 @@ class HostMount:
 
 @dataclass(frozen=True)
 class Overlay:
-    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container.
-
-    ``mount_lowers``, when set, is what the mount really stacks (paths valid only inside the
-    container's mount namespace, such as the layers view); ``lowers`` stays the host paths, for
-    ``diff`` and ``commit``.
-    """
+    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container."""
 
     target: str
     lowers: tuple[str, ...]
     upper: str
     work: str
-    mount_lowers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -224,15 +219,6 @@ class StatePaths:
     def skeleton(self) -> str:
         return f"{self.root}/skeleton"
 
-    @property
-    def layers_view(self) -> str:
-        """Where the image layers are stacked read-only when they go on top of the host."""
-        return f"{self.root}/layers"
-
-    @property
-    def empty(self) -> str:
-        return f"{self.root}/empty"
-
     def upper(self, index: int) -> str:
         return f"{self.root}/upper/{index}"
 
@@ -243,20 +229,54 @@ class StatePaths:
         return f"{self.root}/etc/{name}"
 
 
+@dataclass(frozen=True)
+class SkeletonEntry:
+    """Something the skeleton layer of a split host root holds, at ``path`` (absolute)."""
+
+    path: str
+    kind: str  # "dir", "link" or "file" (a small file copied from the host)
+    link: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The overlays of a root filesystem, and the skeleton the split host layout needs."""
+
+    overlays: list[Overlay]
+    skeleton: list[SkeletonEntry]
+
+
+HostLister = Callable[[str], Sequence[tuple[str, str, str | None]]]
+"""``list_dir(path)`` -> ``(name, kind, link target)`` for each entry, kind dir/link/file."""
+
+SKELETON_FILE_LIMIT = 1 << 20
+"""Files in a split host directory larger than this are not shown (they would be copied)."""
+
+
 def plan_overlays(
     lowers: Sequence[str],
     host: bool,
     host_data_mounts: Sequence[str],
-    host_top_dirs: Sequence[str],
+    host_top: Sequence[tuple[str, str, str | None]],
     split: bool,
     state: StatePaths,
     host_mount_points: Sequence[str] = (),
     host_paths: Sequence[str] = (),
-) -> list[Overlay]:
+    list_dir: HostLister | None = None,
+) -> Layout:
     """The overlay mounts that make the root filesystem, in mount order.
 
-    ``host_top_dirs`` are the top-level directories of the host's ``/`` and
-    ``host_mount_points`` every mount point of the host, data or not (both used when ``split``).
+    The plain host image as root is one overlay on ``/``. Otherwise the host's root is *split*:
+    a skeleton of its entries is the root layer and each host directory gets an overlay of its
+    own, because the kernel refuses (1) rootless, a lower directory with locked submounts, and
+    (2) a lower layer lying inside another ("overlapping lowerdir"), which image layers on top
+    of the host would be, the store being somewhere below ``/``. A directory holding the layers
+    is split again, recursively (``list_dir`` lists it), and the layers' own directory is not
+    shown. Layers stay in the same overlay as the host directory below them, so their
+    whiteouts and opaque directories hide host files as they must.
+
+    ``host_top`` lists ``/`` like ``list_dir``; ``host_mount_points`` is every mount point of the
+    host, data or not.
     """
     overlays: list[Overlay] = []
 
@@ -268,44 +288,107 @@ def plan_overlays(
         add("/", tuple(lowers))
         for path in outermost(host_paths):
             add(path, (path,))
-        return overlays
-    # Image layers on top of the host: the kernel refuses lower layers where one lies inside
-    # another ("overlapping lowerdir", ELOOP), and the store's layers lie inside "/". Stacking
-    # the layers first, in an overlay of their own (another filesystem), avoids the overlap.
-    view = state.layers_view
-
-    def on_host(path: str, host_path: str) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
-        if path == "/":
-            inside = list(lowers)
-        else:
-            inside = [low + path for low in lowers if os.path.isdir(low + path)]
-        if not inside:
-            return (host_path,), None
-        return (*inside, host_path), (view + ("" if path == "/" else path), host_path)
-
-    if not split:
-        real, mounted = on_host("/", "/")
-        overlays.append(Overlay("/", real, state.upper(0), state.work(0), mounted))
+        return Layout(overlays, [])
+    if not split and not lowers:
+        add("/", ("/",))
         for target in host_data_mounts:
             add(target, (target,))
-        return overlays
+        return Layout(overlays, [])
     add("/", (*lowers, state.skeleton))
-    mounted_below = set(host_mount_points) | set(host_data_mounts)
-    for name in host_top_dirs:
-        path = "/" + name
-        if path in PROVIDED or path in FRESH_TMPFS_ON_HOST_IMAGE:
-            continue
-        if any(_under(m, path) and m != path for m in mounted_below):
-            # A directory with submounts of its own cannot be a lower layer rootless; its
-            # data submounts still get overlays below, its own files are not shown.
-            continue
-        real, mounted = on_host(path, path)
-        i = len(overlays)
-        overlays.append(Overlay(path, real, state.upper(i), state.work(i), mounted))
+    hidden = _hidden(lowers)
+    submounted = set(host_mount_points) | set(host_data_mounts) if split else set()
+    skeleton: list[SkeletonEntry] = []
+    shown: set[str] = set()
+
+    def visit(directory: str, entries: Sequence[tuple[str, str, str | None]]) -> None:
+        for name, kind, link in entries:
+            path = directory.rstrip("/") + "/" + name
+            if kind != "dir":
+                skeleton.append(SkeletonEntry(path, kind, link))
+                continue
+            skeleton.append(SkeletonEntry(path, "dir"))
+            if path in PROVIDED or path in FRESH_TMPFS_ON_HOST_IMAGE or path in hidden:
+                continue
+            if any(_under(h, path) for h in hidden):
+                visit(path, list_dir(path) if list_dir else ())
+                continue
+            if any(_under(m, path) and m != path for m in submounted):
+                # A directory with submounts of its own cannot be a lower layer rootless; its
+                # data submounts still get overlays below, its own files are not shown.
+                continue
+            stack = _layers_at(lowers, path)
+            if stack is not None:
+                add(path, stack)
+                shown.add(path)
+
+    visit("/", host_top)
     for target in host_data_mounts:
-        if target.count("/") > 1 or target not in {"/" + n for n in host_top_dirs}:
+        if target not in shown and not any(_under(target, h) for h in hidden):
             add(target, (target,))
-    return overlays
+    return Layout(overlays, skeleton)
+
+
+def _hidden(lowers: Sequence[str]) -> set[str]:
+    """Host paths a split layout must not show: the directory holding the image's layers."""
+    if not lowers:
+        return set()
+    common = os.path.commonpath([os.path.normpath(p) for p in lowers])
+    return {common} if common != "/" else {os.path.normpath(p) for p in lowers}
+
+
+def _layers_at(lowers: Sequence[str], path: str) -> tuple[str, ...] | None:
+    """The lower stack for host directory ``path``: the layers' own ``path``, then the host's.
+
+    Topmost first; a layer that deletes ``path`` (whiteout), replaces it with a non-directory,
+    or makes it opaque ends the stack there (the host's directory is then not below it).
+    ``None`` means no overlay: the root overlay shows what the layers made of ``path``.
+    """
+    stack: list[str] = []
+    for low in lowers:
+        entry = low + path
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return tuple(stack) if stack else None  # deleted or replaced by this layer
+        stack.append(entry)
+        if _is_opaque(entry):
+            return tuple(stack)
+    return (*stack, path)
+
+
+def _is_opaque(path: str) -> bool:
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) in (b"y", b"x"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def list_host_dir(path: str) -> list[tuple[str, str, str | None]]:
+    """List a host directory for the split layout (``HostLister``); small files only."""
+    out: list[tuple[str, str, str | None]] = []
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return out
+    for entry in sorted(entries, key=lambda e: e.name):
+        try:
+            if entry.is_symlink():
+                out.append((entry.name, "link", os.readlink(entry.path)))
+            elif entry.is_dir(follow_symlinks=False):
+                out.append((entry.name, "dir", None))
+            elif (
+                entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_size <= SKELETON_FILE_LIMIT
+            ):
+                out.append((entry.name, "file", None))
+        except OSError:
+            continue
+    return out
 
 
 def outermost(paths: Iterable[str]) -> list[str]:
@@ -320,8 +403,7 @@ def _esc(p: str) -> str:
 
 
 def overlay_options(ov: Overlay, userxattr: bool) -> str:
-    lowers = ov.mount_lowers or ov.lowers
-    opts = f"lowerdir={':'.join(_esc(p) for p in lowers)},upperdir={_esc(ov.upper)},workdir={_esc(ov.work)}"
+    opts = f"lowerdir={':'.join(_esc(p) for p in ov.lowers)},upperdir={_esc(ov.upper)},workdir={_esc(ov.work)}"
     if userxattr:
         opts += ",userxattr"  # redirect_dir and metacopy are off in a user namespace anyway
     else:
@@ -341,20 +423,6 @@ def plan_mounts(
     r = state.rootfs
     nosuid_nodev_noexec = MS_NOSUID | MS_NODEV | MS_NOEXEC
     ops: list[Op] = [Mount(None, "/", None, MS_REC | MS_PRIVATE)]
-    if spec.rootfs.host and spec.rootfs.lowers:
-        # Read-only, so an empty directory stands in for the second layer the kernel requires.
-        low = ":".join(_esc(p) for p in (*spec.rootfs.lowers, state.empty))
-        ops += [
-            Mkdir(state.empty),
-            Mkdir(state.layers_view),
-            Mount(
-                "overlay",
-                state.layers_view,
-                "overlay",
-                MS_RDONLY,
-                f"lowerdir={low}" + (",userxattr" if rootless else ""),
-            ),
-        ]
     for ov in overlays:
         target = r if ov.target == "/" else r + ov.target
         if ov.target != "/":
@@ -429,18 +497,6 @@ def _user_mounts(r: str, binds: Sequence[BindMount], tmpfs: Sequence[TmpfsMount]
             Mount("tmpfs", r + t.target, "tmpfs", MS_NOSUID | MS_NODEV, t.options),
         ]
     return ops
-
-
-def skeleton_entries(host_root: str = "/") -> list[tuple[str, str | None]]:
-    """Top-level entries of the host's root for the split host image: (name, symlink target or None)."""
-    out: list[tuple[str, str | None]] = []
-    with os.scandir(host_root) as it:
-        for entry in it:
-            if entry.is_symlink():
-                out.append((entry.name, os.readlink(entry.path)))
-            elif entry.is_dir(follow_symlinks=False):
-                out.append((entry.name, None))
-    return sorted(out)
 
 
 def apply(ops: Iterable[Op], sys: _sys.Syscalls) -> None:

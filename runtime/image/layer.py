@@ -41,7 +41,7 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Literal, TypeAlias, cast
@@ -817,11 +817,19 @@ class _Packer:
     """Writes a tree to a tar in sorted order through directory fds, never following symlinks."""
 
     def __init__(
-        self, tar: tarfile.TarFile, *, overlay_prefix: str | None, mtime_clamp: int | None
+        self,
+        tar: tarfile.TarFile,
+        *,
+        overlay_prefix: str | None,
+        mtime_clamp: int | None,
+        skip: frozenset[str] = frozenset(),
+        owner: tuple[int, int] | None = None,
     ) -> None:
         self.tar = tar
         self.overlay_prefix = overlay_prefix
         self.mtime_clamp = mtime_clamp
+        self.skip = skip
+        self.owner = owner
         self.links: dict[tuple[int, int], str] = {}
 
     def tree(self, dir_fd: int, arcdir: str) -> None:
@@ -850,6 +858,8 @@ class _Packer:
 
     def entry(self, parent_fd: int, name: str, arc: str) -> int | None:
         """Add one entry; for a directory, return an fd to descend into (the caller closes)."""
+        if arc in self.skip:
+            return None
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         xattrs = _list_xattrs(parent_fd, name)
         kind: OverlayKind = "plain"
@@ -897,7 +907,7 @@ class _Packer:
         info = tarfile.TarInfo(arc)
         mode = st.st_mode
         info.mode = stat.S_IMODE(mode)
-        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uid, info.gid = self.owner if self.owner is not None else (st.st_uid, st.st_gid)
         info.uname = info.gname = ""
         mtime = st.st_mtime_ns // 10**9
         info.mtime = mtime if self.mtime_clamp is None else min(mtime, self.mtime_clamp)
@@ -930,29 +940,128 @@ def _writer(out: _HashingWriter) -> tarfile.TarFile:
 
 
 def pack_layer(
-    upper_dir: StrPath, out_stream: IO[bytes], *, rootless: bool, mtime_clamp: int | None = None
+    upper_dir: StrPath,
+    out_stream: IO[bytes],
+    *,
+    rootless: bool,
+    mtime_clamp: int | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> tuple[str, int]:
     """Write the overlay upper directory ``upper_dir`` to ``out_stream`` as an OCI layer tar.
 
     Overlay whiteouts (char 0/0, or a file with ``<ns>.overlay.whiteout``) become ``.wh.NAME``
     and an opaque directory is followed by its ``.wh..wh..opq``; ``<ns>`` is ``user`` when
     ``rootless``, else ``trusted``. ``mtime_clamp`` (like ``SOURCE_DATE_EPOCH``) caps mtimes.
+    ``owner`` writes every entry as owned by that ``(uid, gid)`` (see :func:`layer_digest`).
     Returns ``("sha256:<hex>", size)`` of the uncompressed tar written.
+    """
+    return pack_overlays(
+        [OverlayPart(os.fspath(upper_dir), "/")],
+        out_stream,
+        rootless=rootless,
+        mtime_clamp=mtime_clamp,
+        owner=owner,
+    )
+
+
+@dataclass(frozen=True)
+class OverlayPart:
+    """One overlay's upper directory and where it is mounted in the container.
+
+    ``like`` is a directory whose metadata the mount point gets in the tar (the host directory
+    of a split host image), or ``None`` to leave the mount point's own entry out.
+    """
+
+    upper: str
+    target: str
+    like: str | None = None
+
+
+def pack_overlays(
+    parts: Sequence[OverlayPart],
+    out_stream: IO[bytes],
+    *,
+    rootless: bool,
+    mtime_clamp: int | None = None,
+    skip: Collection[str] = (),
+    owner: tuple[int, int] | None = None,
+) -> tuple[str, int]:
+    """Write the upper directories of one container's overlays as one OCI layer tar.
+
+    A container on the host image has an overlay per top-level directory (rootless) or per data
+    filesystem; its changes are the union of their uppers, each below its mount point. ``skip``
+    holds paths relative to the root (``etc/hostname``) to leave out with everything below them:
+    mount points the engine created. Otherwise as :func:`pack_layer`.
     """
     prefix = "user.overlay." if rootless else "trusted.overlay."
     out = _HashingWriter(out_stream)
-    try:
-        fd = os.open(upper_dir, _O_DIR & ~os.O_NOFOLLOW)
-    except OSError as e:
-        raise LayerError(f"cannot open upper directory {os.fspath(upper_dir)!r}: {e}") from e
+    ordered = sorted(parts, key=lambda p: os.fsencode(p.target.strip("/")))
     try:
         with _writer(out) as tar:
-            _Packer(tar, overlay_prefix=prefix, mtime_clamp=mtime_clamp).tree(fd, "")
+            packer = _Packer(
+                tar,
+                overlay_prefix=prefix,
+                mtime_clamp=mtime_clamp,
+                skip=frozenset(skip),
+                owner=owner,
+            )
+            for part in ordered:
+                arc = clean_name(part.target)
+                if arc and (arc in packer.skip or any(a in packer.skip for a in _ancestors(arc))):
+                    continue
+                try:
+                    fd = os.open(part.upper, _O_DIR & ~os.O_NOFOLLOW)
+                except OSError as e:
+                    raise LayerError(f"cannot open upper directory {part.upper!r}: {e}") from e
+                try:
+                    if not os.listdir(fd):
+                        continue  # nothing changed below this mount point
+                    if arc and part.like is not None:
+                        tar.addfile(packer._header(os.lstat(part.like), arc, _xattrs_of(part.like)))
+                    packer.tree(fd, arc)
+                except OSError as e:
+                    raise LayerError(
+                        f"cannot pack {part.upper!r} (mounted at {part.target}): {e}"
+                    ) from e
+                finally:
+                    os.close(fd)
     except OSError as e:
-        raise LayerError(f"cannot pack {os.fspath(upper_dir)!r}: {e}") from e
-    finally:
-        os.close(fd)
+        raise LayerError(f"cannot write the layer tar: {e}") from e
     return "sha256:" + out.sha.hexdigest(), out.size
+
+
+def _xattrs_of(path: str) -> dict[str, bytes]:
+    """A directory's xattrs by path, or none when they cannot be read (a mount point's copy)."""
+    try:
+        return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path)}
+    except OSError:
+        return {}
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+class _NullSink:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def layer_digest(layer_dir: StrPath, *, rootless: bool) -> tuple[str, int]:
+    """The diff id and tar size of an unpacked layer directory, as :func:`pack_layer` writes it.
+
+    The builder keeps this invariant for every layer it makes: packing the stored directory
+    again gives the tar whose digest is the layer's diff id, so an export can recreate it. A
+    rootless store cannot keep ownership (every entry belongs to the user, who is root in the
+    container), so there every entry counts as owned by 0:0.
+    """
+    return pack_layer(
+        layer_dir,
+        cast(IO[bytes], _NullSink()),
+        rootless=rootless,
+        owner=(0, 0) if rootless else None,
+    )
 
 
 def pack_tree(

@@ -448,7 +448,7 @@ class Store:
     # --- layers ---
 
     def ensure_layer(
-        self, key: str, produce: Producer, *, parent: str | None = None
+        self, key: str, produce: Producer, *, parent: str | None = None, force: bool = False
     ) -> LayerRecord:
         """The layer recorded under cache ``key``, produced by ``produce`` if there is none.
 
@@ -456,16 +456,18 @@ class Store:
         runs at most once at a time per key across all processes, and not at all when another
         process has produced the key meanwhile. ``parent`` is the chain id of the layer below,
         kept in the metadata. An exception from ``produce`` propagates and stores nothing.
+        ``force`` produces even when the key has a layer, and points the key at the new one
+        (a build with ``--no-cache``; a commit).
         """
         _check_key(key)
         if parent is not None:
             check_digest(parent)
         with self.guard():
-            found = self._cached_layer(key)
+            found = None if force else self._cached_layer(key)
             if found is not None:
                 return found
             with _flock(self._key_locks / f"{key}.lock"):
-                found = self._cached_layer(key)
+                found = None if force else self._cached_layer(key)
                 if found is not None:
                     return found
                 record = self._produce_layer(produce, parent)

@@ -59,7 +59,16 @@ def test_the_fixtures_drive_running_containers(runpytest: RunPytest, pytester) -
 def test_the_docs_example_suite_passes() -> None:
     """The README's main-job command runs this suite: keep it green."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--isolate", "docs/examples"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--isolate",
+            "docs/examples",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

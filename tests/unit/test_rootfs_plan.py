@@ -48,7 +48,10 @@ from runtime.rootfs import (
 )
 from runtime.spec import BindMount, ContainerSpec, Rootfs, TmpfsMount
 
-HOST_TOP = ("bin", "dev", "etc", "home", "proc", "run", "sys", "tmp", "usr", "var")
+HOST_TOP = tuple(
+    (name, "dir", None)
+    for name in ("bin", "dev", "etc", "home", "proc", "run", "sys", "tmp", "usr", "var")
+)
 
 
 @pytest.fixture
@@ -72,7 +75,7 @@ def plan(
 ) -> list[Op]:
     overlays = plan_overlays(
         spec.rootfs.lowers, spec.rootfs.host, data, HOST_TOP, split=rootless, state=state
-    )
+    ).overlays
     return plan_mounts(spec, overlays, state, rootless=rootless)
 
 
@@ -168,7 +171,7 @@ def test_a_read_only_root_remounts_every_layer_after_pivot(
     state: StatePaths, rootless: bool
 ) -> None:
     spec = host_spec(read_only=True)
-    overlays = plan_overlays((), True, ["/srv"], HOST_TOP, split=rootless, state=state)
+    overlays = plan_overlays((), True, ["/srv"], HOST_TOP, split=rootless, state=state).overlays
     ops = plan_mounts(spec, overlays, state, rootless=rootless)
     pivot = ops.index(PivotRoot(state.rootfs))
     after = ops[pivot + 1 :]
@@ -257,7 +260,9 @@ def test_overlay_options_escape_separators() -> None:
 
 
 def test_an_image_is_one_overlay_of_its_layers(state: StatePaths) -> None:
-    overlays = plan_overlays(("/l/2", "/l/1"), False, ["/srv"], HOST_TOP, split=False, state=state)
+    overlays = plan_overlays(
+        ("/l/2", "/l/1"), False, ["/srv"], HOST_TOP, split=False, state=state
+    ).overlays
     assert overlays == [Overlay("/", ("/l/2", "/l/1"), state.upper(0), state.work(0))]
 
 
@@ -265,18 +270,32 @@ def test_the_host_image_as_root_is_slash_plus_one_overlay_per_data_mount(
     state: StatePaths,
 ) -> None:
     overlays = plan_overlays(
-        ("/l/top",), True, ["/home", "/srv/data"], HOST_TOP, split=False, state=state
-    )
+        (), True, ["/home", "/srv/data"], HOST_TOP, split=False, state=state
+    ).overlays
     assert overlays == [
-        # The layers are stacked in a view of their own first (no overlapping lower layers).
-        Overlay("/", ("/l/top", "/"), state.upper(0), state.work(0), (state.layers_view, "/")),
+        Overlay("/", ("/",), state.upper(0), state.work(0)),
         Overlay("/home", ("/home",), state.upper(1), state.work(1)),
         Overlay("/srv/data", ("/srv/data",), state.upper(2), state.work(2)),
     ]
 
 
+def test_layers_on_the_host_split_the_root_even_as_root(state: StatePaths) -> None:
+    # One overlay with lowerdir=<layers>:/ is refused (the layers lie inside "/"); and the
+    # layers must share an overlay with the host directory they change (whiteouts).
+    overlays = plan_overlays(
+        ("/l/top",), True, ["/home", "/srv/data"], HOST_TOP, split=False, state=state
+    ).overlays
+    by_target = {ov.target: ov for ov in overlays}
+    assert overlays[0] == Overlay("/", ("/l/top", state.skeleton), state.upper(0), state.work(0))
+    assert by_target["/home"].lowers == ("/home",)
+    assert by_target["/srv/data"].lowers == ("/srv/data",)
+    assert "/proc" not in by_target and "/run" not in by_target
+
+
 def test_the_rootless_host_image_is_split_per_top_level_directory(state: StatePaths) -> None:
-    overlays = plan_overlays((), True, ["/home/alice", "/var"], HOST_TOP, split=True, state=state)
+    overlays = plan_overlays(
+        (), True, ["/home/alice", "/var"], HOST_TOP, split=True, state=state
+    ).overlays
     by_target = {ov.target: ov for ov in overlays}
     assert overlays[0] == Overlay("/", (state.skeleton,), state.upper(0), state.work(0))
     # Fresh instances or tmpfs, never the host's.
@@ -302,11 +321,11 @@ def test_a_top_level_directory_with_a_pseudo_fs_submount_is_not_a_split_lower(
         (),
         True,
         [],
-        (*HOST_TOP, "mnt"),
+        (*HOST_TOP, ("mnt", "dir", None)),
         split=True,
         state=state,
         host_mount_points=["/", "/proc", "/mnt/tools"],
-    )
+    ).overlays
     targets = [ov.target for ov in overlays]
     assert "/mnt" not in targets and "/mnt/tools" not in targets
     assert "/etc" in targets
@@ -317,7 +336,7 @@ def test_split_layers_of_an_image_on_the_host_stack_per_directory(
 ) -> None:
     layer = tmp_path / "layer"
     (layer / "etc").mkdir(parents=True)
-    overlays = plan_overlays((str(layer),), True, [], HOST_TOP, split=True, state=state)
+    overlays = plan_overlays((str(layer),), True, [], HOST_TOP, split=True, state=state).overlays
     by_target = {ov.target: ov for ov in overlays}
     assert by_target["/"].lowers == (str(layer), state.skeleton)
     assert by_target["/etc"].lowers == (f"{layer}/etc", "/etc")
