@@ -120,7 +120,11 @@ class RunningContainer:
 
 @contextlib.contextmanager
 def start_container(
-    config: pytest.Config, *, where: str = "start_container", **opts: Any
+    config: pytest.Config,
+    *,
+    where: str = "start_container",
+    base_dir: Path | None = None,
+    **opts: Any,
 ) -> Iterator[RunningContainer]:
     """A running container with the marker's options, for fixtures of any scope::
 
@@ -130,8 +134,10 @@ def start_container(
             yield c
     """
     engine: Engine = config.stash[session.ENGINE_KEY]
+    base_dir = base_dir or config.rootpath
     tc = options.merge(where, {}, [pytest.mark.container(**opts).mark])
-    c = engine.create(session.container_spec(tc, idle=True))
+    image = session.image_for(config, tc, base_dir)
+    c = engine.create(session.container_spec(tc, image, idle=True))
     running = RunningContainer(c)
     try:
         c.start()
@@ -153,7 +159,8 @@ def _marker_options(item: pytest.Item) -> dict[str, Any]:
 def container(request: pytest.FixtureRequest) -> Iterator[RunningContainer]:
     """A running container of the ``container`` marker's image (default: host), removed after the test."""
     opts = _marker_options(request.node)
-    with start_container(request.config, where=request.node.nodeid, **opts) as c:
+    base = request.node.path.parent
+    with start_container(request.config, where=request.node.nodeid, base_dir=base, **opts) as c:
         yield c
 
 

@@ -100,6 +100,14 @@ class SessionImages:
         from runtime.build.builder import BuildOptions, build
 
         self._report(f"pytest-isolate: building {request.name}")
+
+        def progress(event: Any) -> None:
+            if event.kind in ("cached", "done"):
+                state = "CACHED" if event.kind == "cached" else f"{event.seconds:.1f}s"
+                self._report(f"  [{event.step}/{event.total}] {event.instruction}  {state}")
+            elif event.kind == "warning":
+                self._report(f"  warning: {event.text}")
+
         try:
             result = build(
                 BuildOptions(
@@ -107,7 +115,7 @@ class SessionImages:
                     dockerfile=Path(request.name),
                     build_args=dict(request.build_args),
                     target=request.target,
-                    progress=lambda event: self._report(f"  {event}"),
+                    progress=progress,
                 ),
                 store=store,
             )

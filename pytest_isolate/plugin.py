@@ -9,6 +9,7 @@ import pytest
 
 from pytest_isolate import options, session
 from pytest_isolate.fixtures import FIXTURES, container, container_factory
+from pytest_isolate.images import SessionImages
 from runtime import Engine
 from runtime.errors import IsolateError
 from runtime.spec import HOST
@@ -80,6 +81,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
         os.environ["PYTEST_ISOLATE_STORE"] = config.getoption("--isolate-store")
     config.stash[session.ENGINE_KEY] = Engine()
+    config.stash[session.IMAGES_KEY] = SessionImages(lambda text: _say(config, text))
+
+
+def _say(config: pytest.Config, text: str) -> None:
+    """A line in the terminal (the controller's only, under xdist: workers have none)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

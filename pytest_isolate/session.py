@@ -14,6 +14,7 @@ For an isolated item the pytest process:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
 import os
@@ -23,20 +24,24 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _pytest.runner import CallInfo
 
 from pytest_isolate import child, wire
+from pytest_isolate.images import SessionImages, python_paths, request_for
 from pytest_isolate.options import TestContainer
 from runtime import Container, ContainerSpec, Engine, Rootfs
 from runtime.errors import IsolateError
+from runtime.image.images import RunnableImage
 from runtime.launch import ContainerProcess, ExitStatus
 from runtime.spec import DEFAULT_PATH, HOST
 
 PLAN_KEY = pytest.StashKey["TestContainer"]()
 ENGINE_KEY = pytest.StashKey["Engine"]()
+IMAGES_KEY = pytest.StashKey["SessionImages"]()
 
 
 @dataclass
@@ -49,28 +54,46 @@ class _Outcome:
     status: ExitStatus | None = None
 
 
-def container_spec(tc: TestContainer, idle: bool = False) -> ContainerSpec:
+def container_spec(
+    tc: TestContainer, image: RunnableImage | None = None, idle: bool = False
+) -> ContainerSpec:
     """The engine spec for a test's container.
 
-    A test runs in a fork of this process (the host image shows the same paths, Python and
-    packages), starting in the current directory; an ``idle`` container (the ``container``
-    fixture) waits for ``exec`` and starts in ``/``, as ``docker run`` does.
+    A test runs in a fork of this process, starting in the current directory: the host image
+    shows the same paths, Python and packages; another image gets them on top, copy-on-write
+    (the project, ``sys.prefix`` and the import path), so imports and ``sys.executable`` keep
+    working. An ``idle`` container (the ``container`` fixture) waits for ``exec`` and starts in
+    the image's working directory, as ``docker run`` does.
     """
-    if tc.image != HOST:
-        raise IsolateError(
-            f"image {tc.image!r}: only the 'host' image can run tests yet; "
-            "building Dockerfiles and using stored images comes with the image builder"
-        )
+    if image is None or image.image_id is None:
+        rootfs = Rootfs(host=True)
+        env = {"PATH": DEFAULT_PATH}
+        cwd, user = "/", None
+    else:
+        rootfs = image.rootfs
+        if not idle and not rootfs.host:
+            rootfs = dataclasses.replace(rootfs, host_paths=python_paths(Path.cwd()))
+        env, cwd, user = image.env, image.cwd, image.user
     return ContainerSpec(
-        rootfs=Rootfs(host=True),
-        env={"PATH": DEFAULT_PATH, **tc.env},
-        cwd=tc.workdir or ("/" if idle else os.getcwd()),
-        user=tc.user,
+        rootfs=rootfs,
+        env={**env, **tc.env},
+        cwd=tc.workdir or (cwd if idle else os.getcwd()),
+        user=tc.user or user,
         hostname=tc.hostname,
         binds=tc.volumes,
         tmpfs=tc.tmpfs,
         read_only=tc.read_only,
     )
+
+
+def image_for(config: pytest.Config, tc: TestContainer, base_dir: Path) -> RunnableImage | None:
+    """The test's image: ``None`` for the host, else built or resolved once per session."""
+    if tc.image == HOST:
+        return None
+    request = request_for(tc.image, base_dir, tc.build_args, tc.target)
+    images: SessionImages = config.stash[IMAGES_KEY]
+    result: RunnableImage = images.resolve(request)
+    return result
 
 
 def run_isolated(item: pytest.Item, nextitem: pytest.Item | None, tc: TestContainer) -> None:
@@ -150,7 +173,7 @@ def _run_in_container(
     engine: Engine = config.stash[ENGINE_KEY]
     basetemp = _basetemp(config)
     parent_end, child_end = socket.socketpair()
-    env = dict(tc.env)
+    env: dict[str, str] = {}
 
     def target() -> None:
         parent_end.close()
@@ -162,7 +185,9 @@ def _run_in_container(
     start = time.time()
     containers: list[Container] = []
     try:
-        started = CallInfo.from_call(lambda: _start(engine, tc, target, containers), when="setup")
+        started = CallInfo.from_call(
+            lambda: _start(item, engine, tc, target, containers, env), when="setup"
+        )
         child_end.close()
         if started.excinfo is not None:
             _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
@@ -192,9 +217,27 @@ def _run_in_container(
 
 
 def _start(
-    engine: Engine, tc: TestContainer, target: Callable[[], None], containers: list[Container]
+    item: pytest.Item,
+    engine: Engine,
+    tc: TestContainer,
+    target: Callable[[], None],
+    containers: list[Container],
+    env: dict[str, str],
 ) -> ContainerProcess:
-    container = engine.create(container_spec(tc))
+    try:
+        image = image_for(item.config, tc, item.path.parent)
+    except IsolateError as e:
+        problem = str(e)
+    else:
+        problem = ""
+    if problem:
+        # The image is the test's setup: a short error, not a traceback through this plugin.
+        pytest.fail(f"pytest-isolate: {problem}", pytrace=False)
+    spec = container_spec(tc, image)
+    # A callable keeps this process's environment; the image's and the marker's go on top.
+    env.update(image.env if image is not None and image.image_id is not None else {})
+    env.update(tc.env)
+    container = engine.create(spec)
     containers.append(container)
     with warnings.catch_warnings():
         # Under xdist the process has an I/O thread; forking is safe here (the child never

@@ -209,5 +209,8 @@ def test_an_image_that_cannot_run_is_a_setup_error_naming_it(
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
-        ["*_ ERROR at setup of test_in_default_image _*", "E *'example.invalid/absent:1'*"]
+        [
+            "*_ ERROR at setup of test_in_default_image _*",
+            "pytest-isolate: image 'example.invalid/absent:1' is not in the store*pytest-isolate build*",
+        ]
     )
