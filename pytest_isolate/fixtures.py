@@ -110,6 +110,16 @@ class RunningContainer:
     def diff(self) -> list[Change]:
         return self._c.diff()
 
+    def commit(self, ref: str | None = None, changes: Sequence[str] = (), message: str = "") -> str:
+        """Save what the container changed as a new image (``docker commit``); returns its id.
+
+        ``changes`` are Dockerfile instructions for the config (``"CMD ['app']"``, ``"ENV A=1"``).
+        """
+        from runtime.image.images import commit
+        from runtime.image.store import Store
+
+        return commit(self._c, Store.open(), ref, changes, message)
+
     def close(self) -> None:
         for helper in self._spawned:
             helper.kill()

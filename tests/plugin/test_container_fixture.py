@@ -40,6 +40,15 @@ DRIVES = """
         with pytest.raises(AssertionError, match="exited with code 3"):
             container.exec("exit 3", check=True)
 
+    def test_commit_then_run_the_new_image(container, pytestconfig):
+        from pytest_isolate.fixtures import start_container
+        container.exec("echo saved > /srv/state && rm /etc/motd", check=True)
+        image_id = container.commit("committed:latest", changes=["ENV FROM_COMMIT=1"])
+        assert image_id.startswith("sha256:")
+        with start_container(pytestconfig, image="committed:latest") as again:
+            r = again.exec("cat /srv/state; echo $FROM_COMMIT; test -e /etc/motd || echo gone")
+            assert r.stdout == "saved\\n1\\ngone\\n", r.stderr
+
     def test_factory(container_factory):
         a = container_factory(hostname="a")
         b = container_factory(hostname="b")
@@ -52,8 +61,9 @@ DRIVES = """
 
 def test_the_fixtures_drive_running_containers(runpytest: RunPytest, pytester) -> None:
     pytester.makepyfile(test_drive=DRIVES)
+    pytester._monkeypatch.setenv("PYTEST_ISOLATE_STORE", str(pytester.path / "store"))
     result = runpytest("--isolate", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 def test_the_docs_example_suite_passes() -> None:
