@@ -192,13 +192,13 @@ def _run_in_container(
         if started.excinfo is not None:
             _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
             return None
-        proc = started.result
+        proc, image_props = started.result
         engine.collect()  # the previous test's container, while this one runs on another core
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
         # The setup report's duration covers what plain pytest's would: the wider fixtures
         # set up here, and the container's start (the price of isolation, shown honestly).
         extra = prepare_time + started.duration
-        _receive(item, parent_end, outcome, deadline, tc.image, extra)
+        _receive(item, parent_end, outcome, deadline, image_props, extra)
         if outcome.timed_out:
             containers[0].kill()
         if not outcome.done:
@@ -223,7 +223,7 @@ def _start(
     target: Callable[[], None],
     containers: list[Container],
     env: dict[str, str],
-) -> ContainerProcess:
+) -> tuple[ContainerProcess, list[tuple[str, str]]]:
     try:
         image = image_for(item.config, tc, item.path.parent)
     except IsolateError as e:
@@ -247,9 +247,14 @@ def _start(
         # copy-on-write page faults in the child, which is most of a test's cost there.
         gc.freeze()
         try:
-            return container.start(target=target)
+            proc = container.start(target=target)
         finally:
             gc.unfreeze()
+    # Each report names the exact image, so that a CI failure can be reproduced with it.
+    props = [("container_image", tc.image)]
+    if image is not None and image.image_id is not None:
+        props.append(("container_image_id", image.image_id))
+    return proc, props
 
 
 def _receive(
@@ -257,7 +262,7 @@ def _receive(
     sock: socket.socket,
     outcome: _Outcome,
     deadline: float | None,
-    tc_image: str,
+    image_props: list[tuple[str, str]],
     setup_extra: float,
 ) -> None:
     config = item.config
@@ -271,7 +276,7 @@ def _receive(
                 if isinstance(data.get("longrepr"), list):  # JSON has no tuples (skip location)
                     data["longrepr"] = tuple(data["longrepr"])
                 rep = config.hook.pytest_report_from_serializable(config=config, data=data)
-                rep.user_properties.append(("container_image", tc_image))
+                rep.user_properties.extend(image_props)
                 outcome.phases.append(rep.when)
                 if rep.when == "setup":
                     rep.duration += setup_extra

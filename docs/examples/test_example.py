@@ -49,6 +49,13 @@ def test_marker_options():
     assert os.environ["STAGE"] == "ci"
 
 
+@pytest.mark.container(image="images/tools.Dockerfile")
+def test_in_an_image_built_from_a_dockerfile():
+    """The image is built once per session (and cached across sessions) before this test."""
+    out = subprocess.run(["greet"], capture_output=True, text=True, check=True).stdout
+    assert out == "hello from the tools image\n"
+
+
 @pytest.mark.container(False)
 def test_opted_out_runs_on_the_host(expensive_resource):
     assert os.getpid() != 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,9 @@ def test_the_fixtures_drive_running_containers(runpytest: RunPytest, pytester) -
     result.assert_outcomes(passed=3)
 
 
-def test_the_docs_example_suite_passes() -> None:
+def test_the_docs_example_suite_passes(tmp_path: Path) -> None:
     """The README's main-job command runs this suite: keep it green."""
+    env = {**os.environ, "PYTEST_ISOLATE_STORE": str(tmp_path / "store")}
     result = subprocess.run(
         [
             sys.executable,
@@ -80,10 +82,12 @@ def test_the_docs_example_suite_passes() -> None:
             "docs/examples",
         ],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "8 passed" in result.stdout
+    assert "building" in result.stdout and "tools.Dockerfile" in result.stdout
