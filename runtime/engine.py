@@ -136,7 +136,7 @@ class Engine:
                 list_dir=rootfs.list_host_dir,
             )
             overlays = layout.overlays
-            _prepare_state(paths, overlays, spec, layout.skeleton)
+            _prepare_state(paths, overlays, spec, layout)
             ns_flags = self._ns_flags
             if spec.network == "host":
                 ns_flags &= ~_sys.CLONE_NEWNET
@@ -196,16 +196,21 @@ def _prepare_state(
     paths: rootfs.StatePaths,
     overlays: Sequence[rootfs.Overlay],
     spec: ContainerSpec,
-    skeleton: Sequence[rootfs.SkeletonEntry],
+    layout: rootfs.Layout,
 ) -> None:
     os.mkdir(paths.rootfs)
     for ov in overlays:
         os.makedirs(ov.upper)
         os.makedirs(ov.work)
         _copy_top_attributes(ov)
-    if skeleton:
+    for mask in layout.masks:
+        for rel in mask.hidden:
+            where = os.path.join(mask.directory, rel)
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            os.mknod(where, stat.S_IFCHR | 0o600, 0)  # an overlay whiteout
+    if layout.skeleton:
         os.mkdir(paths.skeleton)
-        for entry in skeleton:
+        for entry in layout.skeleton:
             where = paths.skeleton + entry.path
             if entry.kind == "dir":
                 os.mkdir(where)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime import _sys
 from runtime._sys import (
@@ -108,12 +108,17 @@ class HostMount:
 
 @dataclass(frozen=True)
 class Overlay:
-    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container."""
+    """One overlayfs mount: ``lowers`` (topmost first) at ``target`` inside the container.
+
+    ``optional``: a host directory found while splitting, which may vanish before the mount
+    (another process's temporary directory); it is then simply not shown.
+    """
 
     target: str
     lowers: tuple[str, ...]
     upper: str
     work: str
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ class Mount:
     fstype: str | None
     flags: int = 0
     data: str | None = None
+    optional: bool = False
+    """Skip it, instead of failing, when its source or target no longer exists."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,9 @@ class StatePaths:
     def skeleton(self) -> str:
         return f"{self.root}/skeleton"
 
+    def mask(self, index: int) -> str:
+        return f"{self.root}/mask/{index}"
+
     def upper(self, index: int) -> str:
         return f"{self.root}/upper/{index}"
 
@@ -239,11 +249,20 @@ class SkeletonEntry:
 
 
 @dataclass(frozen=True)
+class Mask:
+    """A layer of whiteouts (``directory``) hiding ``hidden`` (relative paths) of a host directory."""
+
+    directory: str
+    hidden: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Layout:
-    """The overlays of a root filesystem, and the skeleton the split host layout needs."""
+    """The overlays of a root filesystem, and what the split host layout needs made first."""
 
     overlays: list[Overlay]
     skeleton: list[SkeletonEntry]
+    masks: list[Mask] = field(default_factory=list)
 
 
 HostLister = Callable[[str], Sequence[tuple[str, str, str | None]]]
@@ -298,9 +317,15 @@ def plan_overlays(
     hidden = _hidden(lowers)
     submounted = set(host_mount_points) | set(host_data_mounts) if split else set()
     skeleton: list[SkeletonEntry] = []
+    masks: list[Mask] = []
     shown: set[str] = set()
 
-    def visit(directory: str, entries: Sequence[tuple[str, str, str | None]]) -> None:
+    def overlay(path: str, stack: tuple[str, ...], optional: bool) -> None:
+        i = len(overlays)
+        overlays.append(Overlay(path, stack, state.upper(i), state.work(i), optional))
+        shown.add(path)
+
+    def visit(directory: str, entries: Sequence[tuple[str, str, str | None]], depth: int) -> None:
         for name, kind, link in entries:
             path = directory.rstrip("/") + "/" + name
             if kind != "dir":
@@ -309,23 +334,28 @@ def plan_overlays(
             skeleton.append(SkeletonEntry(path, "dir"))
             if path in PROVIDED or path in FRESH_TMPFS_ON_HOST_IMAGE or path in hidden:
                 continue
-            if any(_under(h, path) for h in hidden):
-                visit(path, list_dir(path) if list_dir else ())
-                continue
             if any(_under(m, path) and m != path for m in submounted):
                 # A directory with submounts of its own cannot be a lower layer rootless; its
                 # data submounts still get overlays below, its own files are not shown.
                 continue
+            inner = [h for h in hidden if _under(h, path)]
             stack = _layers_at(lowers, path)
-            if stack is not None:
-                add(path, stack)
-                shown.add(path)
+            if inner and stack == (path,) and not _under(state.root, path):
+                # No layer touches it: one overlay, with the layers' directory whited out by a
+                # mask layer (in the container's state, which must not lie inside it either).
+                mask = Mask(state.mask(len(masks)), tuple(os.path.relpath(h, path) for h in inner))
+                masks.append(mask)
+                overlay(path, (mask.directory, path), depth > 0)
+            elif inner:
+                visit(path, list_dir(path) if list_dir else (), depth + 1)
+            elif stack is not None:
+                overlay(path, stack, depth > 0)
 
-    visit("/", host_top)
+    visit("/", host_top, 0)
     for target in host_data_mounts:
         if target not in shown and not any(_under(target, h) for h in hidden):
             add(target, (target,))
-    return Layout(overlays, skeleton)
+    return Layout(overlays, skeleton, masks)
 
 
 def _hidden(lowers: Sequence[str]) -> set[str]:
@@ -427,7 +457,9 @@ def plan_mounts(
         target = r if ov.target == "/" else r + ov.target
         if ov.target != "/":
             ops.append(Mkdir(target))
-        ops.append(Mount("overlay", target, "overlay", 0, overlay_options(ov, rootless)))
+        ops.append(
+            Mount("overlay", target, "overlay", 0, overlay_options(ov, rootless), ov.optional)
+        )
     if spec.rootfs.host:
         for path in FRESH_TMPFS_ON_HOST_IMAGE:
             ops.append(Mkdir(r + path))
@@ -520,7 +552,11 @@ def _describe(op: Op) -> str:
 
 def _apply_one(op: Op, sys: _sys.Syscalls) -> None:
     if isinstance(op, Mount):
-        sys.mount(op.source, op.target, op.fstype, op.flags, op.data)
+        try:
+            sys.mount(op.source, op.target, op.fstype, op.flags, op.data)
+        except FileNotFoundError:
+            if not op.optional:
+                raise
     elif isinstance(op, Mkdir):
         sys.mkdir(op.path)
     elif isinstance(op, MountPoint):

@@ -42,27 +42,60 @@ def layers(tmp_path: Path) -> tuple[str, str]:
 
 
 def plan(lowers: tuple[str, ...], tmp_path: Path, split: bool = False) -> rootfs.Layout:
-    state = StatePaths(str(tmp_path / "state"))
+    state = StatePaths("/state")  # a container's state must lie outside the split host paths
     hidden = Path(os.path.commonpath(lowers))
     top = (*TOP, (hidden.parts[1], "dir", None)) if hidden.parts[1] not in ("etc", "tmp") else TOP
     return plan_overlays(lowers, True, [], top, split, state, list_dir=lister(hidden))
 
 
-def test_the_directories_holding_the_store_are_split_and_the_store_is_not_shown(
+def test_a_directory_holding_the_store_is_one_overlay_with_the_store_whited_out(
     layers: tuple[str, str], tmp_path: Path
 ) -> None:
     layout = plan(layers, tmp_path)
-    store = str(tmp_path / "store")
-    targets = [ov.target for ov in layout.overlays]
-    assert store not in targets and not any(t.startswith(store + "/") for t in targets)
-    for ancestor in Path(store).parents:
-        if str(ancestor) != "/":
-            assert str(ancestor) not in targets  # split, not a lower
-            assert SkeletonEntry(str(ancestor), "dir") in layout.skeleton
-            assert SkeletonEntry(f"{ancestor}/notes.txt", "file") in layout.skeleton
-            assert f"{ancestor}/sibling" in targets  # what lies beside the store still shows
+    store = tmp_path / "store"
+    top = "/" + store.parts[1]  # e.g. /tmp: no layer has anything there
+    by = {ov.target: ov for ov in layout.overlays}
+    (mask,) = layout.masks
+    assert by[top].lowers == (mask.directory, top)
+    assert mask.hidden == (os.path.relpath(store, top),)
+    assert not any(t.startswith(str(store)) for t in by)
     assert SkeletonEntry("/bin", "link", "usr/bin") in layout.skeleton
-    assert "/proc" not in targets
+    assert "/proc" not in by
+
+
+def test_a_directory_holding_the_state_too_is_split(
+    layers: tuple[str, str], tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    top = "/" + store.parts[1]
+    hidden = Path(os.path.commonpath(layers))
+    layout = plan_overlays(
+        layers,
+        True,
+        [],
+        (*TOP, (store.parts[1], "dir", None)),
+        False,
+        StatePaths(f"{top}/state"),
+        list_dir=lister(hidden),
+    )
+    assert top not in [ov.target for ov in layout.overlays]  # its mask would lie inside it
+
+
+def test_a_directory_holding_the_store_that_a_layer_changes_is_split(
+    layers: tuple[str, str], tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    top_dir = "/" + store.parts[1]
+    Path(layers[0] + top_dir).mkdir(parents=True)  # the image wrote into e.g. /tmp
+    layout = plan(layers, tmp_path)
+    targets = [ov.target for ov in layout.overlays]
+    assert top_dir not in targets  # split, not a lower: the layers lie inside it
+    assert layout.masks or any(t.startswith(top_dir + "/") for t in targets)
+    assert not any(t == str(store) or t.startswith(f"{store}/") for t in targets)
+    assert SkeletonEntry(f"{top_dir}/notes.txt", "file") in layout.skeleton
+    assert f"{top_dir}/sibling" in targets
+    split = [ov for ov in layout.overlays if ov.target == f"{top_dir}/sibling"]
+    assert split[0].optional  # found by listing: may vanish before the mount
 
 
 def test_a_layer_directory_stacks_over_the_hosts_in_one_overlay(
