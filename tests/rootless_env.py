@@ -440,10 +440,21 @@ def inner_command(python: Path, tests: Path, marker: str = "rootless") -> list[s
     return [str(python), "-S", "-m", "pytest", "-p", "no:cacheprovider", "-m", marker, str(tests)]
 
 
+PASSED_THROUGH = ("PYTEST_ISOLATE_DEBIAN_TARBALL",)
+"""Variables of the root side that the inner run keeps: they name inputs (files any user can
+read, such as the Debian tarball ``.ci/run`` makes), not settings of the outer run."""
+
+
 def inner_environment(
-    user: pwd.struct_passwd, home: Path, tmp: Path, path: list[Path]
+    user: pwd.struct_passwd,
+    home: Path,
+    tmp: Path,
+    path: list[Path],
+    outer: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """A fresh environment: nothing of the root side (PYTEST_ADDOPTS, VIRTUAL_ENV) leaks in."""
+    """A fresh environment: nothing of the root side (PYTEST_ADDOPTS, VIRTUAL_ENV) leaks in,
+    except the :data:`PASSED_THROUGH` variables set in ``outer`` (default ``os.environ``)."""
+    outer = os.environ if outer is None else outer
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "HOME": str(home),
@@ -455,6 +466,7 @@ def inner_environment(
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
         "PY_COLORS": "0",
+        **{name: outer[name] for name in PASSED_THROUGH if outer.get(name)},
     }
 
 

@@ -32,6 +32,7 @@ from runtime.image import layer
 from runtime.image.images import LayeredView, resolve_image
 from runtime.image.store import Store
 from runtime.spec import ContainerSpec
+from tests.integration import debian_repo
 
 FIXTURES = Path(__file__).parent / "build_fixtures"
 REPO = Path(__file__).resolve().parents[2]
@@ -559,25 +560,89 @@ def test_a_build_killed_mid_run_leaves_no_partial_layer(
 # --- a real distribution -----------------------------------------------------------------------
 
 DEBIAN_TARBALL = os.environ.get("PYTEST_ISOLATE_DEBIAN_TARBALL")
+"""A root filesystem tarball of ``mmdebstrap --variant=minbase bookworm``; ``.ci/run`` makes it."""
+
+APT = "apt-get -o Acquire::http::Proxy=false -o Acquire::Retries=0"
+"""apt without a proxy (a proxy in the environment would take 127.0.0.1 off the host) and
+without retries (a refused connection fails at once)."""
+
+GREETING = b"hello from the loopback repository\n"
+PACKAGES = (
+    debian_repo.DebPackage("pi-data", "1.0", {"/usr/share/pi-data/greeting.txt": GREETING}),
+    debian_repo.DebPackage(
+        "pi-greet",
+        "1.0",
+        {"/usr/bin/pi-greet": b"#!/bin/sh\nexec cat /usr/share/pi-data/greeting.txt\n"},
+        depends=("pi-data (>= 1.0)",),
+    ),
+)
 
 
 @pytest.mark.skipif(
     not DEBIAN_TARBALL,
     reason="set PYTEST_ISOLATE_DEBIAN_TARBALL to a root filesystem tarball made by "
-    "`mmdebstrap --variant=minbase bookworm debian.tar` (and network access for apt-get) to "
-    "build a real Debian image",
+    "`mmdebstrap --variant=minbase bookworm debian.tar` to build a real Debian image "
+    "(.ci/run makes one)",
 )
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (part of dpkg)")
 @pytest.mark.rootless
-def test_debian_image_with_apt_get_install(tmp_path: Path, store: Store, engine: Engine) -> None:
+def test_debian_apt_get_install_over_the_default_network(
+    tmp_path: Path, store: Store, engine: Engine
+) -> None:
+    """``RUN apt-get install`` on the default (host) network, from a repository on loopback;
+    ``RUN --network=none`` cannot reach it."""
     from runtime.image.importer import import_rootfs
 
     assert DEBIAN_TARBALL is not None
-    import_rootfs(store, DEBIAN_TARBALL, "debian:bookworm")
-    events = Events()
-    result = do_build(
-        store, engine, context(tmp_path, "debian"), tags=("hello:1",), progress=events
-    )
-    assert any("hello" in line for line in events.output()), events.output()[-20:]
-    code, out = run_image(engine, store, "hello:1")
-    assert (code, out) == (0, "Hello, world!\n")
-    assert len(result.config.diff_ids) == 2
+    tarball = Path(DEBIAN_TARBALL)
+    if not (tarball.is_file() and os.access(tarball, os.R_OK)):
+        pytest.fail(f"PYTEST_ISOLATE_DEBIAN_TARBALL={tarball}: not a readable file", pytrace=False)
+    import_rootfs(store, tarball, "debian:bookworm")
+    repo = debian_repo.make_repo(tmp_path / "apt", PACKAGES)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+
+    with debian_repo.serve(repo) as served:
+        (ctx / "Dockerfile").write_text(
+            "FROM debian:bookworm\n"
+            "ARG REPO\n"
+            'RUN echo "deb [trusted=yes] $REPO ./" > /etc/apt/sources.list '
+            "&& rm -f /etc/apt/sources.list.d/* "
+            f"&& {APT} update && {APT} install -y --no-install-recommends pi-greet\n"
+            'CMD ["/usr/bin/pi-greet"]\n'
+        )
+        events = Events()
+        result = do_build(
+            store, engine, ctx, tags=("pi:1",), build_args={"REPO": served.url}, progress=events
+        )
+        assert all(served.fetched(p.filename) for p in PACKAGES), served.requests
+        assert any("Setting up pi-greet (1.0)" in line for line in events.output())
+        assert len(result.config.diff_ids) == 2
+
+        assert run_image(engine, store, "pi:1") == (0, GREETING.decode())
+        code, out = run_image(
+            engine,
+            store,
+            "pi:1",
+            "/bin/sh",
+            "-c",
+            "dpkg -s pi-greet | grep ^Status; dpkg -s pi-data | grep ^Status; apt-mark showauto pi-data pi-greet",
+        )
+        assert (code, out.splitlines()) == (
+            0,
+            ["Status: install ok installed", "Status: install ok installed", "pi-data"],
+        ), out
+
+        # The same update with RUN --network=none: its own loopback has no server on the port.
+        asked = len(served.requests)
+        update = f"{APT} update --error-on=any"
+        (ctx / "Dockerfile").write_text(f"FROM pi:1\nRUN --network=none {update}\n")
+        with pytest.raises(BuildError, match="exit code 100") as info:
+            do_build(store, engine, ctx)
+        port = served.url.rsplit(":", 1)[1]
+        assert f"127.0.0.1:{port}" in str(info.value) and "connect" in str(info.value).lower()
+        assert len(served.requests) == asked, "a RUN without network reached the host's server"
+        # ... while the default network still reaches it: the failure was the network's.
+        (ctx / "Dockerfile").write_text(f"FROM pi:1\nRUN --network=default {update}\n")
+        do_build(store, engine, ctx)
+        assert len(served.requests) > asked
