@@ -45,8 +45,9 @@ creation, so a fully cached rebuild gives the same image id.
 
 Decisions where docker leaves room:
 
-* RUN's network is the host's by default (``RUN apt-get install`` works, as with
-  ``docker build``'s default bridge); ``network="none"`` or ``RUN --network=none`` isolates.
+* RUN's network is the host's by default, so ``RUN apt-get install`` works (docker gets the same
+  from its default bridge, which this engine does not have); ``network="none"`` or
+  ``RUN --network=none`` isolates.
 * Rootless (not root), RUN runs in a user namespace: with subordinate id ranges (newuidmap and
   ``/etc/subuid``) the image's other users exist; the captured layer is stored owned by the
   user, as every rootless layer is (ownership collapses to root in the container, and counts
