@@ -288,7 +288,10 @@ def _receive(
             elif kind == "warning":
                 _reemit_warning(msg)
             elif kind == "done":
+                # Stop here: the end of stream would come only once the child's exit (and
+                # its namespaces' teardown) is over, which retire() takes off this path.
                 outcome.done = True
+                break
             if deadline is not None:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
     except TimeoutError:

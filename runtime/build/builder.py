@@ -460,11 +460,11 @@ class _Build:
             image = self.store.get_image(ref)
         except ImageNotFound as e:
             raise BuildError(
-                f"base image {ref!r} is not in the store {self.store.root}: get it with "
-                f"`pytest-isolate pull {ref}` or `pytest-isolate load`, build it with "
+                f"base image {ref!r} is not in the store {self.store.root}: build it with "
                 f"`pytest-isolate build -t {ref}`, or `pytest-isolate import ROOTFS.tar {ref}` "
                 "a root filesystem tarball (e.g. made by `mmdebstrap --variant=minbase "
-                "bookworm debian.tar`)"
+                "bookworm debian.tar`); `pytest-isolate pull` and `load` come with registry "
+                "support"
             ) from e
         layers = self.store.image_layers(image.id)
         host = images.is_host_based(image.config)

@@ -149,9 +149,9 @@ def resolve_image(store: Store, ref: str) -> RunnableImage:
         image = store.get_image(ref)
     except ImageNotFound as e:
         raise ImageNotFound(
-            f"{e}; get it with `pytest-isolate pull {ref}`, `pytest-isolate load`, build it "
-            "with `pytest-isolate build -t`, or `pytest-isolate import ROOTFS.tar NAME:TAG` a "
-            "root filesystem tarball (e.g. made by mmdebstrap)"
+            f"{e}; build it with `pytest-isolate build -t {ref} CONTEXT`, or "
+            f"`pytest-isolate import ROOTFS.tar {ref}` a root filesystem tarball (e.g. made by "
+            "mmdebstrap); `pytest-isolate pull` and `load` come with registry support"
         ) from e
     layers = store.image_layers(image.id)
     host = is_host_based(image.config)
