@@ -9,6 +9,7 @@ each test that needs a broken image gets the build error, the session goes on.
 
 from __future__ import annotations
 
+import functools
 import os
 import site
 import sys
@@ -56,8 +57,13 @@ def request_for(
     return ImageRequest("ref", image)
 
 
+@functools.cache
 def python_paths(rootdir: Path) -> tuple[str, ...]:
-    """Host directories a test needs inside an image: the project, Python and its packages."""
+    """Host directories a test needs inside an image: the project, Python and its packages.
+
+    Computed once per directory: it is on every image test's path, and the import path of a
+    session does not change in ways that matter here.
+    """
     candidates = [str(rootdir), os.getcwd(), sys.prefix, sys.base_prefix, sys.exec_prefix]
     candidates += [p for p in site.getsitepackages() if os.path.isdir(p)]
     candidates += [p for p in sys.path if p and os.path.isdir(p)]

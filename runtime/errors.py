@@ -11,7 +11,6 @@ Every error the engine raises on purpose is an :class:`IsolateError`. Lower-laye
     │   ├── SetupError              the child failed while building the container (stage, errno)
     │   │   └── IdMapError          uid/gid maps could not be written (newuidmap, /etc/subuid)
     │   ├── ExecError               the container's process could not be executed (argv[0])
-    │   ├── ContainerNotFound (LookupError)
     │   ├── ContainerStateError     the operation needs another state (e.g. exec into a stopped one)
     │   └── CallableError           a Python callable run inside raised; carries the remote traceback
     ├── ImageError                  images and the store
@@ -87,10 +86,6 @@ class ExecError(ContainerError):
         self.detail = detail
         text = f"cannot execute {argv0!r} in the container: {detail or os.strerror(err)}"
         super().__init__(text)
-
-
-class ContainerNotFound(ContainerError, LookupError):
-    """No container with that id or name."""
 
 
 class ContainerStateError(ContainerError):

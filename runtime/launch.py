@@ -33,7 +33,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from runtime import _sys, control, process, rootfs
@@ -77,7 +77,6 @@ class LaunchPlan:
     init: bool = True
     pass_fds: tuple[int, ...] = ()
     close_fds: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MS_RELATIME = 1 << 21
-MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 # prctl options (linux/prctl.h)
@@ -202,7 +201,6 @@ class Syscalls(Protocol):
     def touch(self, path: str) -> None: ...
     def symlink(self, target: str, path: str) -> None: ...
     def chdir(self, path: str) -> None: ...
-    def write_file(self, path: str, data: str) -> None: ...
 
 
 class RealSyscalls:
@@ -230,8 +228,3 @@ class RealSyscalls:
     @staticmethod
     def chdir(path: str) -> None:
         os.chdir(path)
-
-    @staticmethod
-    def write_file(path: str, data: str) -> None:
-        with open(path, "w") as f:
-            f.write(data)

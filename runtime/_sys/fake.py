@@ -210,17 +210,6 @@ class FakeSyscalls:
             self._raise(errno.ENOENT, "chdir", path)
         self.cwd = p
 
-    def write_file(self, path: str, data: str) -> None:
-        self._record("write_file", path, data)
-        p = self._resolve(path)
-        self._maybe_fail("write_file", p)
-        if not self.exists(posixpath.dirname(p)):
-            self._raise(errno.ENOENT, "write_file", path)
-        self.files.add(p)
-        self.written[p] = data
-
-    # --- internals ---
-
     def _record(self, name: str, *args: object) -> None:
         self.calls.append(Call(name, args))
 

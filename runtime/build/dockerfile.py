@@ -748,19 +748,21 @@ def _p_run(ctx: _Ctx, flags: list[str], rest: str, heredocs: tuple[Heredoc, ...]
     )
 
 
-def _p_cmd(ctx: _Ctx, flags: list[str], rest: str, _h: tuple[Heredoc, ...]) -> Cmd:
-    _no_flags("CMD", flags)
+def _command(keyword: str, flags: list[str], rest: str, empty: str) -> CommandLine:
+    """CMD and ENTRYPOINT: shell or exec form, and ``[]`` the only way to say "nothing"."""
+    _no_flags(keyword, flags)
     command = _command_line(rest)
     if not command.args and not command.exec_form:
-        raise _Err("CMD requires at least one argument (use CMD [] for an empty command)")
-    return Cmd(command=command, **_common(ctx))
+        raise _Err(f"{keyword} requires at least one argument (use {keyword} [] {empty})")
+    return command
+
+
+def _p_cmd(ctx: _Ctx, flags: list[str], rest: str, _h: tuple[Heredoc, ...]) -> Cmd:
+    return Cmd(command=_command("CMD", flags, rest, "for an empty command"), **_common(ctx))
 
 
 def _p_entrypoint(ctx: _Ctx, flags: list[str], rest: str, _h: tuple[Heredoc, ...]) -> Entrypoint:
-    _no_flags("ENTRYPOINT", flags)
-    command = _command_line(rest)
-    if not command.args and not command.exec_form:
-        raise _Err("ENTRYPOINT requires at least one argument (use ENTRYPOINT [] to reset it)")
+    command = _command("ENTRYPOINT", flags, rest, "to reset it")
     return Entrypoint(command=command, **_common(ctx))
 
 
