@@ -17,7 +17,9 @@ Every error the engine raises on purpose is an :class:`IsolateError`. Lower-laye
     │   ├── ImageNotFound (LookupError)
     │   ├── LayerError              a layer tar could not be read or unpacked
     │   │   └── UnsafePathError     an entry would resolve outside the layer root
-    │   └── StoreCorruptError       a digest does not match its content
+    │   ├── StoreCorruptError       a digest does not match its content
+    │   └── RegistryError           a registry refused or failed a request (names URL and status)
+    │       └── AuthError           credentials are missing, wrong or refused
     └── BuildError                  a Dockerfile build failed
         └── DockerfileSyntaxError   with file and line
 """
@@ -123,6 +125,18 @@ class UnsafePathError(LayerError):
 
 class StoreCorruptError(ImageError):
     """Content in the store does not match its digest."""
+
+
+class RegistryError(ImageError):
+    """Talking to a registry failed: names the registry, the request and the status or cause.
+
+    Content that does not match its digest is a :class:`RegistryError` too (the registry sent
+    it), and nothing of it is stored.
+    """
+
+
+class AuthError(RegistryError):
+    """The registry wants credentials that are missing, or refused the ones given."""
 
 
 class BuildError(IsolateError):
