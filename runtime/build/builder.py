@@ -497,7 +497,7 @@ class _Build:
                 state.config = images.apply_metadata(state.config, ins, cmd_set=state.cmd_set)
                 state.cmd_set = state.cmd_set or isinstance(ins, df.Cmd)
                 state.config = state.config.add_history(
-                    created_by=images.history_text(instr), created=state.created
+                    created_by=images.history_text(ins), created=state.created
                 )
 
     def _arg(self, state: _State, instr: df.Arg) -> None:

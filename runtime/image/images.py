@@ -622,7 +622,15 @@ def apply_metadata(config: ImageConfig, instr: df.Instruction, *, cmd_set: bool)
 
 
 def history_text(instr: df.Instruction) -> str:
-    """How docker writes a metadata step in the image history (``ENV A=1``, ``CMD ["x"]``)."""
+    """How BuildKit writes a metadata step of ``instr`` (already expanded) in the history.
+
+    Key-value instructions show their values after expansion (``ENV B=/a/x`` for
+    ``ENV B=$A/x``), so ``history`` says what the image holds; the rest keep their text.
+    """
+    if isinstance(instr, (df.Env, df.Label)):
+        return " ".join([instr.keyword, *(f"{k}={v}" for k, v in instr.pairs)])
+    if isinstance(instr, (df.Workdir, df.User)):
+        return f"{instr.keyword} {instr.path if isinstance(instr, df.Workdir) else instr.user}"
     return instr.original.strip()
 
 

@@ -25,6 +25,7 @@ from runtime.build.dockerfile import (
 )
 from runtime.build.expand import Expander, ExpansionError, expand_instruction
 from runtime.errors import DockerfileSyntaxError
+from runtime.image.images import history_text
 
 ENV = {
     "a": "hello world",
@@ -344,3 +345,18 @@ def test_expanded_instruction_keeps_its_location() -> None:
     result = expand_instruction(instr, {"U": "x"})
     assert isinstance(result.instruction, User)
     assert dataclasses.replace(result.instruction, user="$U") == instr
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ('ENV B="$A/x" C=${A:-z}', "ENV B=/a/x C=/a"),
+        ("LABEL where=$A", "LABEL where=/a"),
+        ("WORKDIR $A/w", "WORKDIR /a/w"),
+        ("USER ${A#/}", "USER a"),
+        ('CMD ["echo", "$A"]', 'CMD ["echo", "$A"]'),  # exec form: never expanded
+    ],
+)
+def test_history_shows_values_after_expansion(line: str, shown: str) -> None:
+    expanded = expand_instruction(instruction(line), {"A": "/a"}).instruction
+    assert history_text(expanded) == shown
