@@ -6,7 +6,7 @@ import pytest
 
 from runtime import probe
 
-pytest_plugins = ["pytester"]  # tests/plugin drives real pytest sessions
+pytest_plugins = ["pytester", "tests.registry_fixtures"]  # pytester: tests/plugin sessions
 
 _PROBES = {
     "needs_root": lambda: probe.Probe(probe.is_root(), "needs real root (uid 0)"),

@@ -14,6 +14,7 @@ The API the CLI, the docs and the bench build on (keep it stable)::
         network: str = "host"                   # RUN's network: "host" or "none"
         progress: Callable[[BuildEvent], None] | None = None
         secrets: Mapping[str, Path] = {}        # RUN --mount=type=secret,id=ID -> host file
+        cache_from: tuple[RemoteCache, ...] = ()  # --cache-from: asked when the store misses
 
     def build(opts, *, store=None, engine=None) -> BuildResult
 
@@ -81,7 +82,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from runtime.build import cachekey, stages
 from runtime.build import dockerfile as df
@@ -175,6 +176,7 @@ class BuildOptions:
     network: str = "host"
     progress: Callable[[BuildEvent], None] | None = None
     secrets: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    cache_from: tuple[RemoteCache, ...] = ()
 
     def __post_init__(self) -> None:
         if self.network not in ("host", "none"):
@@ -182,6 +184,16 @@ class BuildOptions:
         object.__setattr__(self, "context", Path(self.context))
         object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "no_cache_filter", tuple(self.no_cache_filter))
+        object.__setattr__(self, "cache_from", tuple(self.cache_from))
+
+
+class RemoteCache(Protocol):
+    """A build cache kept elsewhere (``--cache-from``), asked for a step the store lacks."""
+
+    def fetch(self, key: str) -> bool:
+        """Put the layer recorded under store cache ``key`` into the store, with a cache record
+        (:meth:`Store.put_cache`), and say whether it did; ``False`` when it has no such key."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,8 @@ class StepResult:
     cached: bool
     diff_id: str | None
     seconds: float
+    cache_key: str | None = None
+    """The store cache key of the step's layer (``--cache-to`` exports these)."""
 
 
 @dataclass(frozen=True)
@@ -391,7 +405,7 @@ class _Build:
         shown = instr.original.strip().split("\n", 1)[0]
         base = BuildEvent("step", stage, self.step_no, self.total, shown, instr.line)
         self._emit(base)
-        outcome: dict[str, Any] = {"cached": False, "diff_id": None}
+        outcome: dict[str, Any] = {"cached": False, "diff_id": None, "key": None}
         start = time.monotonic()
         try:
             yield outcome
@@ -407,7 +421,15 @@ class _Build:
         kind: EventKind = "cached" if outcome["cached"] else "done"
         self._emit(dataclasses.replace(base, kind=kind, seconds=seconds))
         self.steps.append(
-            StepResult(stage, instr.line, shown, outcome["cached"], outcome["diff_id"], seconds)
+            StepResult(
+                stage,
+                instr.line,
+                shown,
+                outcome["cached"],
+                outcome["diff_id"],
+                seconds,
+                outcome["key"],
+            )
         )
 
     def _stage(self, planned: stages.PlannedStage, name: str, no_cache: bool) -> _State:
@@ -524,9 +546,17 @@ class _Build:
             ran.append(True)
             return produce(directory)
 
+        store_key = cachekey.store_key(key)
+        if not state.no_cache and self.store.get_cache(store_key) is None:
+            # The store misses: a remote cache that has the step puts it in the store, where
+            # ensure_layer below finds it as if it had been built here.
+            for remote in self.opts.cache_from:
+                if remote.fetch(store_key):
+                    break
         record = self.store.ensure_layer(
-            cachekey.store_key(key), producer, parent=state.chain(), force=state.no_cache
+            store_key, producer, parent=state.chain(), force=state.no_cache
         )
+        out["key"] = store_key
         out["cached"] = not ran
         out["diff_id"] = record.diff_id
         state.layers.append(record)

@@ -1,0 +1,1 @@
+"""Talking to image registries: the distribution API client, its authentication and transfers."""
