@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pytest_isolate import cli_build, cli_images
+from pytest_isolate import cli_build, cli_containers, cli_images, cli_registry
 from runtime import ContainerSpec, Engine
 from runtime.errors import ExecError, IsolateError
 from runtime.spec import parse_tmpfs, parse_volume
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(sub)
     cli_build.add_command(sub)
     cli_images.add_commands(sub)
+    cli_containers.add_commands(sub)
+    cli_registry.add_commands(sub)
     return p
 
 
@@ -80,6 +82,8 @@ def _add_run(sub: Any) -> None:
     run.add_argument(
         "--tmpfs", action="append", default=[], metavar="DST[:OPTS]", help="mount a tmpfs"
     )
+    cli_containers.add_run_options(run)
+    cli_build.add_pull_option(run)
     run.add_argument("--hostname", default="isolate", help="container host name")
     run.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     run.add_argument(
@@ -114,7 +118,7 @@ def _add_run(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pytest_isolate import cli_run  # images and the Dockerfile parser: only for run
 
-    image, store = cli_run.runnable(args.image, cli_images.open_store)
+    image, store = cli_run.runnable(args.image, cli_images.open_store, args.pull)
     plan = cli_run.plan_process(
         image,
         command=args.cmd,
@@ -137,10 +141,13 @@ def _run(args: argparse.Namespace) -> int:
         userns={"auto": None, "host": False, "private": True}[args.userns],
         tty=args.tty,
         init=args.init,
+        name=args.name,
     )
     # While a container runs on the store's layers, a prune waits (it takes the guard's lock
     # exclusively), so no layer directory is deleted under a running container.
     with store.guard() if store is not None else contextlib.nullcontext():
+        if args.detach:  # the guard is held until the container runs
+            return cli_containers.run_detached(spec, image, args)
         return _run_container(spec, args)
 
 
@@ -187,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pytest-isolate: {e}", file=sys.stderr)
             return EXIT_SETUP
     try:
-        store = cli_images.open_store()
+        store = cli_containers.open_store()
         return int(args.handler(args, store, sys.stdout, sys.stderr))
     except IsolateError as e:
         print(f"pytest-isolate: {e}", file=sys.stderr)

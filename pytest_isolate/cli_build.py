@@ -58,7 +58,12 @@ def parse_secret(text: str) -> tuple[str, Path]:
     return fields.get("id") or src.name, src
 
 
-def build_options(args: argparse.Namespace, environ: Mapping[str, str], progress: Any) -> Any:
+def build_options(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    progress: Any,
+    cache_from: Sequence[Any] = (),
+) -> Any:
     """The builder's options from the command line (checks what it can before building)."""
     from runtime.build.builder import BuildOptions
 
@@ -83,6 +88,8 @@ def build_options(args: argparse.Namespace, environ: Mapping[str, str], progress
         network=args.network,
         progress=progress,
         secrets={k: v.resolve() for k, v in secrets.items()},
+        pull=args.pull,
+        cache_from=tuple(cache_from),
     )
 
 
@@ -91,7 +98,19 @@ def cmd_build(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) 
     from runtime.build.builder import build
 
     display = None if args.quiet else make_progress(args.progress, err)
-    opts = build_options(args, os.environ, display)
+    cache_from = []
+    if args.cache_from or args.cache_to:
+        if args.cache_to:
+            parse(args.cache_to)  # a bad reference fails now, not after the build
+        from runtime.registry.cache import RegistryCache
+
+        def warn(text: str) -> None:
+            print(f"WARNING: {text}", file=err)
+
+        cache_from = [
+            RegistryCache(store, ref, insecure=args.insecure, warn=warn) for ref in args.cache_from
+        ]
+    opts = build_options(args, os.environ, display, cache_from)
     failed = True
     try:
         result = build(opts, store=store)
@@ -99,6 +118,13 @@ def cmd_build(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) 
     finally:
         if display is not None:
             display.close(failed=failed)
+    if args.cache_to:
+        from runtime.registry.cache import export_cache
+
+        steps = [(s.cache_key, s.diff_id) for s in result.steps if s.cache_key and s.diff_id]
+        digest = export_cache(store, steps, args.cache_to, insecure=args.insecure)
+        if display is not None:
+            display.note(f"exported the cache of {len(steps)} steps to {args.cache_to}@{digest}")
     if args.quiet:
         out.write(result.image_id + "\n")
         return 0
@@ -113,6 +139,29 @@ def cmd_build(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) 
     for tag in result.tags:
         display.note(f"naming to {tag}")
     return 0
+
+
+def add_pull_option(p: argparse.ArgumentParser) -> None:
+    """docker's ``--pull``, shared by ``build`` (FROM) and ``run``."""
+    p.add_argument(
+        "--pull",
+        choices=("never", "missing", "always"),  # runtime.image.images.PULL_POLICIES, not
+        # imported here: that module loads the engine, which a cached build does not need
+        default="missing",
+        help="pull images from their registry: missing (default: only what the store lacks), "
+        "always, or never",
+    )
+
+
+def add_insecure_option(p: argparse.ArgumentParser) -> None:
+    """``--insecure HOST``: registries reached over plain HTTP (loopback ones always are)."""
+    p.add_argument(
+        "--insecure",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="reach this registry over plain HTTP (loopback registries always are); repeatable",
+    )
 
 
 def add_command(sub: Any) -> None:
@@ -172,5 +221,20 @@ def add_command(sub: Any) -> None:
         metavar="id=ID,src=PATH",
         help="a file for RUN --mount=type=secret (repeatable)",
     )
+    add_pull_option(p)
+    p.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="use the build cache pushed to this registry reference (repeatable)",
+    )
+    p.add_argument(
+        "--cache-to",
+        default=None,
+        metavar="REF",
+        help="push the cache of every layer step built or used to this registry reference",
+    )
+    add_insecure_option(p)
     p.add_argument("context", metavar="CONTEXT", help="the build context directory")
     p.set_defaults(handler=cmd_build)

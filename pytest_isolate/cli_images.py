@@ -54,12 +54,12 @@ CREATED_BY_WIDTH = 45
 
 
 def not_found_hint(ref: str) -> str:
-    """How to get an image that is not in the store (until registries exist: import or build)."""
+    """How to get an image that is not in the store."""
     return (
-        f"to get {ref!r}: `pytest-isolate import ROOTFS.tar {ref}` (a root filesystem "
-        "tarball, e.g. from `mmdebstrap --variant=minbase bookworm ROOTFS.tar`), "
-        f"`pytest-isolate build -t {ref} CONTEXT`, or `pytest-isolate pull {ref}` once "
-        "registries are supported"
+        f"to get {ref!r}: `pytest-isolate pull {ref}`, `pytest-isolate load` an archive, "
+        f"`pytest-isolate build -t {ref} CONTEXT`, or `pytest-isolate import ROOTFS.tar {ref}` "
+        "(a root filesystem tarball, e.g. from `mmdebstrap --variant=minbase bookworm "
+        "ROOTFS.tar`)"
     )
 
 
@@ -132,10 +132,19 @@ def image_rows(
         created = image.config.created
         if not refs:
             rows.append(ImageRow(NONE, NONE, NONE, image.id, created, size))
+        # As docker: a repository's digest (pull, push) goes in the DIGEST column of its
+        # tagged rows, and gets a row of its own (tag <none>) only when no tag is there.
+        by_repo: dict[str, list[Reference]] = {}
         for r in refs:
-            rows.append(
-                ImageRow(r.familiar_name, r.tag or NONE, r.digest or NONE, image.id, created, size)
-            )
+            by_repo.setdefault(r.familiar_name, []).append(r)
+        for repo, repo_refs in by_repo.items():
+            digests = [r.digest for r in repo_refs if r.digest]
+            tags = [r.tag for r in repo_refs if r.tag]
+            shown = [(t, digests[0] if digests else NONE) for t in tags] or [
+                (NONE, d) for d in digests
+            ]
+            for tag, digest in shown:
+                rows.append(ImageRow(repo, tag, digest, image.id, created, size))
     return rows
 
 

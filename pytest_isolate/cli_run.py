@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from runtime.errors import ImageNotFound, SpecError
 from runtime.image.config import ImageConfig
-from runtime.image.images import RunnableImage, host_config, resolve_image
+from runtime.image.images import PullPolicy, RunnableImage, host_config, resolve_image
 from runtime.image.store import Store
 from runtime.spec import HOST, Rootfs, parse_env
 
@@ -44,8 +44,13 @@ def _directory(path: str) -> RunnableImage:
     return RunnableImage(path, None, ImageConfig.empty(), Rootfs(lowers=(os.path.abspath(path),)))
 
 
-def runnable(image: str, open_store: Callable[[], Store]) -> tuple[RunnableImage, Store | None]:
-    """The image ``image`` names (see the module), and the store it came from (if any)."""
+def runnable(
+    image: str, open_store: Callable[[], Store], pull: PullPolicy = "missing"
+) -> tuple[RunnableImage, Store | None]:
+    """The image ``image`` names (see the module), and the store it came from (if any).
+
+    A directory of that name wins over pulling an image of that name, never over an image the
+    store already has."""
     if image == HOST:
         return RunnableImage(HOST, None, host_config(), Rootfs(host=True)), None
     if image.startswith(PATH_PREFIXES) or image in (".", ".."):
@@ -54,11 +59,12 @@ def runnable(image: str, open_store: Callable[[], Store]) -> tuple[RunnableImage
         return _directory(image), None
     store = open_store()
     try:
-        return resolve_image(store, image), store
-    except ImageNotFound:
-        if os.path.isdir(image):
-            return _directory(image), None
-        raise
+        try:
+            return resolve_image(store, image, policy="never"), store
+        except ImageNotFound:
+            if os.path.isdir(image):
+                return _directory(image), None
+        return resolve_image(store, image, policy=pull), store
     except SpecError as e:
         if os.path.isdir(image):
             return _directory(image), None

@@ -16,10 +16,13 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.errors import BuildError, ImageError, ImageNotFound, IsolateError
+from runtime.errors import BuildError, ImageError, IsolateError
 from runtime.spec import HOST
+
+if TYPE_CHECKING:  # the engine is imported only when a test needs an image
+    from runtime.image.images import PullPolicy
 
 PATH_HINTS = ("/", "./", "../")
 
@@ -70,11 +73,25 @@ def python_paths(rootdir: Path) -> tuple[str, ...]:
     return tuple(sorted({os.path.realpath(p) for p in candidates if p != "/"}))
 
 
+@dataclass(frozen=True)
+class RegistrySettings:
+    """How a session talks to registries (``--isolate-pull``, ``--isolate-cache-from/-to``,
+    ``--isolate-insecure-registry`` and their ini keys)."""
+
+    pull: PullPolicy = "missing"
+    cache_from: tuple[str, ...] = ()
+    cache_to: str = ""
+    insecure: tuple[str, ...] = ()
+
+
 class SessionImages:
     """Images built or resolved during one pytest session (one per xdist worker)."""
 
-    def __init__(self, report: Callable[[str], None]) -> None:
+    def __init__(
+        self, report: Callable[[str], None], registry: RegistrySettings | None = None
+    ) -> None:
         self._report = report
+        self._registry = registry or RegistrySettings()
         self._done: dict[ImageRequest, Any] = {}
 
     def resolve(self, request: ImageRequest) -> Any:
@@ -95,14 +112,7 @@ class SessionImages:
 
         store = Store.open()
         if request.kind == "ref":
-            try:
-                return resolve_image(store, request.name)
-            except ImageNotFound as e:
-                raise ImageNotFound(
-                    f"image {request.name!r} is not in the store ({store.root}); build it with "
-                    f"'pytest-isolate build -t {request.name} DIR', or import it with "
-                    f"'pytest-isolate import ROOTFS.tar {request.name}'"
-                ) from e
+            return resolve_image(store, request.name, policy=self._registry.pull, pull=self._pull)
         from runtime.build.builder import BuildOptions, build
 
         self._report(f"pytest-isolate: building {request.name}")
@@ -122,9 +132,52 @@ class SessionImages:
                     build_args=dict(request.build_args),
                     target=request.target,
                     progress=progress,
+                    pull=self._registry.pull,
+                    puller=self._pull,
+                    cache_from=self._cache_from(store),
                 ),
                 store=store,
             )
         except BuildError as e:
             raise BuildError(f"building {request.name} failed: {e}") from e
+        if self._registry.cache_to and not all(s.cached for s in result.steps):
+            self._export_cache(store, result)
         return resolve_image(store, result.image_id)
+
+    def _cache_from(self, store: Any) -> tuple[Any, ...]:
+        from runtime.registry.cache import RegistryCache
+
+        return tuple(
+            RegistryCache(
+                store,
+                ref,
+                insecure=self._registry.insecure,
+                warn=lambda text: self._report(f"pytest-isolate: warning: {text}"),
+            )
+            for ref in self._registry.cache_from
+        )
+
+    def _export_cache(self, store: Any, result: Any) -> None:
+        """Push the build cache of a build that made something (a fully cached build has
+        nothing new; under xdist, only the worker that built pushes)."""
+        from runtime.registry.cache import export_cache
+
+        ref = self._registry.cache_to
+        steps = [(s.cache_key, s.diff_id) for s in result.steps if s.cache_key and s.diff_id]
+        try:
+            digest = export_cache(store, steps, ref, insecure=self._registry.insecure)
+        except IsolateError as e:  # the tests can still run: say so, do not fail them
+            self._report(f"pytest-isolate: warning: cannot export the build cache to {ref}: {e}")
+            return
+        self._report(f"  exported the cache of {len(steps)} steps to {ref}@{digest}")
+
+    def _pull(self, store: Any, ref: str) -> Any:
+        from runtime.registry.transfer import pull
+
+        self._report(f"pytest-isolate: pulling {ref}")
+        result = pull(store, ref, insecure=self._registry.insecure)
+        self._report(
+            f"  {result.reference}: {result.digest} ({result.downloaded} of {result.layers} "
+            "layers downloaded)"
+        )
+        return result

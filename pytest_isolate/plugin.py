@@ -9,7 +9,7 @@ import pytest
 
 from pytest_isolate import options, session
 from pytest_isolate.fixtures import FIXTURES, container, container_factory
-from pytest_isolate.images import SessionImages
+from pytest_isolate.images import RegistrySettings, SessionImages
 from runtime import Engine
 from runtime.errors import IsolateError
 from runtime.spec import HOST
@@ -56,7 +56,40 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="CPU limit per test (pytest-isolate compatible)",
     )
+    group.addoption(
+        "--isolate-pull",
+        choices=("never", "missing", "always"),
+        default=None,
+        help="pull images the tests name from their registry: missing (default), always, never",
+    )
+    group.addoption(
+        "--isolate-cache-from",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="a registry build cache (pushed by --isolate-cache-to) for the Dockerfiles tests "
+        "name (repeatable)",
+    )
+    group.addoption(
+        "--isolate-cache-to",
+        default=None,
+        metavar="REF",
+        help="push the build cache of the Dockerfiles built in this run to this registry ref",
+    )
+    group.addoption(
+        "--isolate-insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="reach this registry over plain HTTP (loopback registries always are; repeatable)",
+    )
     parser.addini("isolate", "run every test in its own container", type="bool", default=False)
+    parser.addini("isolate_pull", "pull policy: missing, always or never", default="missing")
+    parser.addini("isolate_cache_from", "registry build caches to use", type="linelist")
+    parser.addini("isolate_cache_to", "registry ref to push the build cache to", default="")
+    parser.addini(
+        "isolate_insecure_registries", "registries reached over plain HTTP", type="linelist"
+    )
     parser.addini("isolate_image", "default image for isolated tests", default=HOST)
     parser.addini("isolate_timeout", "default per-test timeout in seconds", default="")
     parser.addini(
@@ -81,7 +114,26 @@ def pytest_configure(config: pytest.Config) -> None:
 
         os.environ["PYTEST_ISOLATE_STORE"] = config.getoption("--isolate-store")
     config.stash[session.ENGINE_KEY] = Engine()
-    config.stash[session.IMAGES_KEY] = SessionImages(lambda text: _say(config, text))
+    config.stash[session.IMAGES_KEY] = SessionImages(
+        lambda text: _say(config, text), _registry_settings(config)
+    )
+
+
+def _registry_settings(config: pytest.Config) -> RegistrySettings:
+    pull = config.getoption("--isolate-pull") or config.getini("isolate_pull")
+    if pull not in ("never", "missing", "always"):  # runtime.image.images.PULL_POLICIES
+        raise pytest.UsageError(f"isolate_pull = {pull!r}: use missing, always or never")
+    return RegistrySettings(
+        pull=pull,
+        cache_from=tuple(
+            config.getoption("--isolate-cache-from") or config.getini("isolate_cache_from")
+        ),
+        cache_to=config.getoption("--isolate-cache-to") or config.getini("isolate_cache_to"),
+        insecure=tuple(
+            config.getoption("--isolate-insecure-registry")
+            + config.getini("isolate_insecure_registries")
+        ),
+    )
 
 
 def _say(config: pytest.Config, text: str) -> None:

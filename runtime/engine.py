@@ -112,8 +112,11 @@ class Engine:
         if not p:
             raise UnsupportedHostError("overlayfs", p.reason, p.fix)
 
-    def create(self, spec: ContainerSpec) -> Container:
-        """Prepare a container (state directory, plans); :meth:`Container.start` runs it."""
+    def create(self, spec: ContainerSpec, container_id: str | None = None) -> Container:
+        """Prepare a container (state directory, plans); :meth:`Container.start` runs it.
+
+        ``container_id`` names the state directory (default: a fresh random id).
+        """
         userns = spec.userns if spec.userns is not None else os.geteuid() != 0
         self.check_host(userns)
         if not self._swept:
@@ -121,7 +124,7 @@ class Engine:
             self._swept = True
         if len(self._pending) > MAX_RETIRED:
             self._collect(block=False)
-        st = state.create(self.state_root)
+        st = state.create(self.state_root, container_id)
         try:
             paths = rootfs.StatePaths(str(st.path))
             layout = rootfs.plan_overlays(

@@ -174,13 +174,31 @@ def _lock_if_dead(path: Path) -> int | None:
     return fd
 
 
-def _owner_alive(path: Path) -> bool:
+def owner_alive(path: Path) -> bool:
+    """Does the process that created the state directory ``path`` still hold it?"""
     fd = _lock_if_dead(path)
     if fd is None:
         return True
     if fd >= 0:
         os.close(fd)
     return False
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the state root directory itself for the block.
+
+    For check-then-act across every container of the root (a name that must be unique). The
+    lock is on the directory, not on a file in it, so it leaves nothing behind that a sweep
+    or a leak check would have to know about. Dies with its holder, like the state locks.
+    """
+    _ensure_private_dir(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _state_dirs(root: Path) -> Iterator[Path]:
@@ -204,7 +222,7 @@ def iter_states(root: Path) -> Iterator[tuple[Path, bool]]:
     """Every state directory under ``root`` with whether its owner is alive (staging ones left out)."""
     for entry in _state_dirs(root):
         if not entry.name.startswith(STAGING_PREFIX):
-            yield entry, _owner_alive(entry)
+            yield entry, owner_alive(entry)
 
 
 def sweep(root: Path) -> list[Path]:

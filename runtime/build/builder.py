@@ -15,6 +15,8 @@ The API the CLI, the docs and the bench build on (keep it stable)::
         progress: Callable[[BuildEvent], None] | None = None
         secrets: Mapping[str, Path] = {}        # RUN --mount=type=secret,id=ID -> host file
         cache_from: tuple[RemoteCache, ...] = ()  # --cache-from: asked when the store misses
+        pull: PullPolicy = "missing"            # FROM an image the store lacks: pull it
+        puller: Puller | None = None            # default: runtime.registry.transfer.pull
 
     def build(opts, *, store=None, engine=None) -> BuildResult
 
@@ -114,7 +116,7 @@ from runtime.engine import Engine
 from runtime.errors import BuildError, DockerfileSyntaxError, ImageNotFound, IsolateError
 from runtime.image import images, layer
 from runtime.image.config import ImageConfig, host_architecture
-from runtime.image.images import LayeredView
+from runtime.image.images import LayeredView, Puller, PullPolicy
 from runtime.image.reference import HOST
 from runtime.image.store import LayerRecord, Store, chain_id
 from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, Rootfs, TmpfsMount
@@ -177,8 +179,12 @@ class BuildOptions:
     progress: Callable[[BuildEvent], None] | None = None
     secrets: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
     cache_from: tuple[RemoteCache, ...] = ()
+    pull: PullPolicy = "missing"
+    puller: Puller | None = None
 
     def __post_init__(self) -> None:
+        if self.pull not in images.PULL_POLICIES:
+            raise BuildError(f"pull policy must be never, missing or always, not {self.pull!r}")
         if self.network not in ("host", "none"):
             raise BuildError(f"build network must be 'host' or 'none', not {self.network!r}")
         object.__setattr__(self, "context", Path(self.context))
@@ -479,15 +485,12 @@ class _Build:
                 name, images.host_config(), [], True, cachekey.base_key("host", self._host_fp)
             )
         try:
-            image = self.store.get_image(ref)
+            image_id = images.ensure_image(
+                self.store, ref, policy=self.opts.pull, pull=self.opts.puller
+            )
         except ImageNotFound as e:
-            raise BuildError(
-                f"base image {ref!r} is not in the store {self.store.root}: build it with "
-                f"`pytest-isolate build -t {ref}`, or `pytest-isolate import ROOTFS.tar {ref}` "
-                "a root filesystem tarball (e.g. made by `mmdebstrap --variant=minbase "
-                "bookworm debian.tar`); `pytest-isolate pull` and `load` come with registry "
-                "support"
-            ) from e
+            raise BuildError(f"base image: {e}") from e
+        image = self.store.get_image(image_id)
         layers = self.store.image_layers(image.id)
         host = images.is_host_based(image.config)
         return _State(name, image.config, layers, host, cachekey.base_key("image", image.id))

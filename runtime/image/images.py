@@ -1,7 +1,8 @@
 """Images as containers see them, and containers back into images.
 
 * :func:`resolve_image`: an image reference (or ``host``) -> the :class:`~runtime.spec.Rootfs` to
-  run it on and the config defaults (command, env, workdir, user) to run it with;
+  run it on and the config defaults (command, env, workdir, user) to run it with; the image is
+  pulled first when the pull policy says so (:func:`ensure_image`, shared with ``FROM``);
 * :class:`LayeredView`: read an image's files through its layer directories as the overlay will
   show them (whiteouts, opaque directories, symlinks resolved inside the image), without a mount
   -- so it works rootless and costs nothing to set up. COPY uses it to resolve its destination
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Literal
 
 from runtime import idmap
 from runtime.build import dockerfile as df
@@ -37,7 +38,7 @@ from runtime.engine import Container
 from runtime.errors import DockerfileSyntaxError, ImageError, ImageNotFound, LayerError, SpecError
 from runtime.image import layer, safepath
 from runtime.image.config import Healthcheck, ImageConfig
-from runtime.image.reference import HOST, SCRATCH
+from runtime.image.reference import HOST, SCRATCH, parse
 from runtime.image.store import Store, chain_id
 from runtime.rootfs import Overlay
 from runtime.spec import DEFAULT_PATH, Rootfs
@@ -47,13 +48,17 @@ __all__ = [
     "COMMIT_CHANGES",
     "DEFAULT_SHELL",
     "ENGINE_MOUNT_POINTS",
+    "PULL_POLICIES",
     "Found",
     "LayeredView",
+    "PullPolicy",
+    "Puller",
     "RunnableImage",
     "apply_metadata",
     "capture_layer",
     "command_argv",
     "commit",
+    "ensure_image",
     "history_text",
     "host_config",
     "is_host_based",
@@ -61,7 +66,18 @@ __all__ = [
     "overlay_parts",
     "parse_change",
     "resolve_image",
+    "wants_pull",
 ]
+
+PullPolicy = Literal["never", "missing", "always"]
+"""docker's ``--pull``: ``missing`` (the default) pulls only what the store lacks, so a CI run
+never replaces an image it already has behind the tests' back; ``always`` asks the registry for
+the tag's current image; ``never`` fails instead of pulling."""
+
+PULL_POLICIES: tuple[PullPolicy, ...] = ("never", "missing", "always")
+
+Puller = Callable[[Store, str], Any]
+"""Pulls a reference into a store (default: :func:`runtime.registry.transfer.pull`)."""
 
 BASE_LABEL = "io.pytest-isolate.base"
 """Label of images whose bottom layer is the host's ``/`` (value ``host``)."""
@@ -136,23 +152,84 @@ class RunnableImage:
         return self.config.container.user or None
 
 
-def resolve_image(store: Store, ref: str) -> RunnableImage:
-    """What running ``ref`` means: ``host``, or an image of the store by tag, id or digest.
+def wants_pull(policy: PullPolicy, ref: str, present: bool) -> bool:
+    """Whether ``ref`` is to be pulled before use, by docker's rules.
 
-    :class:`~runtime.errors.ImageNotFound` says how to get an image that is missing.
+    An image id (or a prefix of one) that the store has is never pulled, whatever the policy: it
+    names content, not a registry image; neither is a present ``name@digest`` under ``always``
+    (the same digest cannot bring anything new).
     """
+    if policy not in PULL_POLICIES:
+        raise SpecError(f"pull policy must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
+    if policy == "never":
+        return False
+    if not present:
+        return True
+    if policy == "missing" or "@" in ref:
+        return False
+    try:
+        parse(ref)
+    except SpecError:
+        return False
+    return True
+
+
+def ensure_image(
+    store: Store, ref: str, *, policy: PullPolicy = "missing", pull: Puller | None = None
+) -> str:
+    """The id of the image ``ref`` names, pulled first when ``policy`` says so.
+
+    :class:`~runtime.errors.ImageNotFound` says how to get an image the store lacks and the
+    policy does not pull; a failed pull raises the registry's error with the same hint.
+    """
+    try:
+        present: str | None = store.resolve(ref)
+    except ImageNotFound:
+        present = None
+    if not wants_pull(policy, ref, present is not None):
+        if present is None:
+            raise ImageNotFound(
+                f"image {ref!r} is not in the store {store.root}; to get it: "
+                f"`pytest-isolate pull {ref}` (or pull policy `missing`), {_hint(ref)}"
+            )
+        return present
+    try:
+        (pull or _registry_pull)(store, ref)
+    except ImageError as e:
+        if present is not None:  # `always` and the registry failed: docker fails too
+            raise
+        raise type(e)(
+            f"image {ref!r} is not in the store and pulling it failed: {e}; to get it "
+            f"otherwise: {_hint(ref)}"
+        ) from e
+    return store.resolve(ref)
+
+
+def _registry_pull(store: Store, ref: str) -> Any:
+    # Imported here: the registry client is only loaded by a run that pulls.
+    from runtime.registry.transfer import pull
+
+    return pull(store, ref)
+
+
+def _hint(ref: str) -> str:
+    return (
+        f"`pytest-isolate load` an archive, `pytest-isolate build -t {ref} CONTEXT`, or "
+        f"`pytest-isolate import ROOTFS.tar {ref}` a root filesystem tarball (e.g. made by "
+        "mmdebstrap)"
+    )
+
+
+def resolve_image(
+    store: Store, ref: str, *, policy: PullPolicy = "missing", pull: Puller | None = None
+) -> RunnableImage:
+    """What running ``ref`` means: ``host``, or an image of the store by tag, id or digest,
+    pulled first when ``policy`` says so (see :func:`ensure_image`)."""
     if ref == HOST:
         return RunnableImage(ref, None, host_config(), Rootfs(host=True))
     if ref == SCRATCH:
         raise ImageError("'scratch' is the empty image: there is nothing to run in it")
-    try:
-        image = store.get_image(ref)
-    except ImageNotFound as e:
-        raise ImageNotFound(
-            f"{e}; build it with `pytest-isolate build -t {ref} CONTEXT`, or "
-            f"`pytest-isolate import ROOTFS.tar {ref}` a root filesystem tarball (e.g. made by "
-            "mmdebstrap); `pytest-isolate pull` and `load` come with registry support"
-        ) from e
+    image = store.get_image(ensure_image(store, ref, policy=policy, pull=pull))
     layers = store.image_layers(image.id)
     host = is_host_based(image.config)
     if not layers and not host:

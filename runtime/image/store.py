@@ -6,6 +6,11 @@ else ``~/.cache/pytest-isolate``). Layout::
     version                         layout version ("1"); a store we do not understand is refused
     blobs/sha256/<hex>              content by digest (layer tars, configs, manifests) for registry
                                     exchange; written to tmp/ while hashing, fsynced, renamed
+    dist/sha256/<diff-id-hex>/<blob-hex>.json
+                                    a blob holding that layer's tar, compressed or not (a layer
+                                    may have several): {"mediaType", "size", "diffSize"}
+    manifests/sha256/<hex>.json     a manifest whose bytes are blobs/sha256/<hex>, and the image
+                                    (config digest) it describes: {"image", "mediaType", "created"}
     layers/sha256/<diff-id-hex>/    one unpacked layer, an overlay lower:
         diff/                         the directory the producer filled
         meta.json                     size, parent chain id, created, content digest (for fsck)
@@ -31,7 +36,11 @@ Why it is safe to share and to kill:
   flock when its holder dies, so a sweeper that can take the lock knows the owner is gone; no
   pid files, no guessing from ages.
 * Layer reference counts are derived from the image configs each time, never stored, so they
-  cannot go stale. A build holds :meth:`Store.guard` while it uses layers that no image refers
+  cannot go stale. Blobs are referenced only by ``dist/`` records of layers that exist and by
+  ``manifests/`` records of images that exist; :meth:`Store.prune` drops the records whose
+  layer or image is gone, then the blobs nothing refers to (records first, so a kill in between
+  never leaves a record naming a missing blob). A blob written before its record exists is
+  unreferenced: writers hold :meth:`Store.guard` from the blob to its record. A build holds :meth:`Store.guard` while it uses layers that no image refers
   to yet; :meth:`Store.prune` takes the same lock exclusively and waits for it.
 * Layers may hold read-only directories and symlinks to anywhere: removal works with directory
   file descriptors and ``O_NOFOLLOW``, adds owner permissions where needed, and never follows a
@@ -77,16 +86,21 @@ from runtime.image.storefs import (
 
 __all__ = [
     "DEFAULT_TREE_DIGEST",
+    "BlobPrunePlan",
+    "BlobRecord",
+    "BlobWriter",
     "CacheRecord",
     "Image",
     "LayerRecord",
     "LayerUse",
+    "ManifestRecord",
     "Problem",
     "PrunePlan",
     "PruneReport",
     "Store",
     "TreeDigest",
     "chain_id",
+    "plan_blob_prune",
     "plan_prune",
     "store_root",
     "tree_digest",
@@ -189,7 +203,7 @@ class Image:
 class Problem:
     """One thing ``fsck`` found wrong: what kind of entry, which one, and what is wrong."""
 
-    kind: Literal["blob", "layer", "image", "tag", "cache"]
+    kind: Literal["blob", "layer", "image", "tag", "cache", "manifest"]
     subject: str
     detail: str
 
@@ -224,6 +238,9 @@ class PruneReport:
     cache: tuple[str, ...] = ()
     freed: int = 0
     kept: int = 0
+    blobs: tuple[str, ...] = ()
+    blob_bytes: int = 0
+    """Bytes of the blobs removed (not counted in ``freed``, which is layers only)."""
 
 
 def plan_prune(
@@ -275,6 +292,119 @@ def plan_prune(
     return PrunePlan(drop_images, frozenset(drop_layers), frozenset(drop_cache))
 
 
+@dataclass(frozen=True)
+class BlobRecord:
+    """A blob that holds a layer's tar: ``media_type`` says how it is compressed.
+
+    ``diff_size`` is the size of the uncompressed tar (what a ``docker save`` archive needs
+    before it can write the tar's header), ``None`` when not known.
+    """
+
+    digest: str
+    media_type: str
+    size: int
+    diff_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """A manifest kept as the blob ``digest``, describing the image ``image_id``."""
+
+    digest: str
+    media_type: str
+    image_id: str
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class BlobPrunePlan:
+    """The blob records and blobs to remove, decided by :func:`plan_blob_prune`."""
+
+    dist: frozenset[tuple[str, str]] = frozenset()
+    manifests: frozenset[str] = frozenset()
+    blobs: frozenset[str] = frozenset()
+
+
+def plan_blob_prune(
+    *,
+    blobs: Set[str],
+    dist: Set[tuple[str, str]],
+    manifests: Mapping[str, str],
+    layers: Set[str],
+    images: Set[str],
+) -> BlobPrunePlan:
+    """Decide which blob records and blobs go (pure), once ``layers`` and ``images`` are known
+    to stay.
+
+    ``dist`` holds ``(diff id, blob digest)`` records, ``manifests`` maps a manifest digest to
+    its image id. A record lives while both what it describes and its blob exist; a blob lives
+    while a live record names it. Everything else is garbage.
+    """
+    live_dist = {(d, b) for d, b in dist if d in layers and b in blobs}
+    live_manifests = {m for m, i in manifests.items() if i in images and m in blobs}
+    referenced = {b for _, b in live_dist} | live_manifests
+    return BlobPrunePlan(
+        frozenset(set(dist) - live_dist),
+        frozenset(manifests.keys() - live_manifests),
+        frozenset(set(blobs) - referenced),
+    )
+
+
+class BlobWriter:
+    """A blob being written (from :meth:`Store.blob_writer`): :meth:`write` the bytes, then
+    :meth:`commit`. ``digest`` and ``size`` describe what was written so far."""
+
+    def __init__(self, part: Path, blobs: Path) -> None:
+        self._part = part
+        self._blobs = blobs
+        self._file: BinaryIO | None = open(part, "wb")  # noqa: SIM115 - closed by close()
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._file is None:
+            raise ValueError("write to a blob that is committed or dropped")
+        self._file.write(data)
+        self._sha.update(data)
+        n = len(memoryview(data).cast("B"))
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        """Nothing to do (:meth:`commit` syncs); present because compressors call it."""
+
+    def commit(self, *, expected: str | None = None, size: int | None = None) -> str:
+        """Store the blob (fsynced, then renamed into ``blobs/``); return its digest.
+
+        With ``expected`` or ``size``, a mismatch raises :class:`StoreCorruptError` naming
+        both values and stores nothing.
+        """
+        if self._file is None:
+            raise ValueError("commit of a blob that is committed or dropped")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.close()
+        found = self.digest
+        if size is not None and self.size != size:
+            raise StoreCorruptError(
+                f"blob {expected or found} has {self.size} bytes, expected {size}"
+            )
+        if expected is not None and found != expected:
+            raise StoreCorruptError(f"blob content has digest {found}, expected {expected}")
+        os.rename(self._part, self._blobs / found[7:])
+        _fsync_dir(self._blobs)
+        return found
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class Store:
     """The content-addressed image store at ``root`` (created if missing).
 
@@ -293,6 +423,8 @@ class Store:
         self._in_use = in_use or _never
         self._tree = tree_digest if tree_digest is not None else DEFAULT_TREE_DIGEST
         self._blobs = self.root / "blobs" / "sha256"
+        self._dist = self.root / "dist" / "sha256"
+        self._manifests = self.root / "manifests" / "sha256"
         self._layers = self.root / "layers" / "sha256"
         self._images = self.root / "images" / "sha256"
         self._tags = self.root / "tags.json"
@@ -310,7 +442,15 @@ class Store:
     def _init_layout(self) -> None:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for d in (self._blobs, self._layers, self._images, self._cache, self._tmp):
+            for d in (
+                self._blobs,
+                self._dist,
+                self._manifests,
+                self._layers,
+                self._images,
+                self._cache,
+                self._tmp,
+            ):
                 d.mkdir(parents=True, exist_ok=True)
             self._key_locks.mkdir(parents=True, exist_ok=True)
             version_file = self.root / "version"
@@ -342,6 +482,16 @@ class Store:
                 yield
             finally:
                 _GUARDS_HELD[key] -= 1
+
+    @contextmanager
+    def key_lock(self, key: str) -> Iterator[None]:
+        """Hold the lock of ``key`` for a check-then-act of your own (take :meth:`guard` first).
+
+        The same lock files as :meth:`ensure_layer`'s, so use a key of your own: a thread that
+        holds a key's lock and calls :meth:`ensure_layer` with that key waits for itself.
+        """
+        with _flock(self._key_locks / f"{_check_key(key)}.lock"):
+            yield
 
     @contextmanager
     def _work(self) -> Iterator[Path]:
@@ -457,6 +607,128 @@ class Store:
             return open(path, "rb")
         except FileNotFoundError as e:
             raise ImageNotFound(f"blob {digest} is not in the store {self.root}") from e
+
+    @contextmanager
+    def blob_writer(self) -> Iterator[BlobWriter]:
+        """A blob to write piece by piece (a stream that is pushed, not pulled: a tar packer, a
+        compressor); it is stored by :meth:`BlobWriter.commit`, and dropped on leaving the
+        ``with`` without a commit, or on an exception. Hold :meth:`guard` until a record
+        refers to the blob, or :meth:`prune` may take it.
+        """
+        with self._work() as work:
+            writer = BlobWriter(work / "blob", self._blobs)
+            try:
+                yield writer
+            finally:
+                writer.close()
+
+    def record_layer_blob(self, diff_id: str, blob: BlobRecord) -> None:
+        """Record that ``blob`` (in ``blobs/``) holds the tar of the layer ``diff_id``.
+
+        Both must be in the store; its size must match. An export then uses the blob instead of
+        packing and compressing the layer again, and a pulled layer (whose diff id a re-pack
+        would not reproduce) can be sent on at all.
+        """
+        diff_hex = _check_sha256(diff_id)
+        blob_hex = _check_sha256(blob.digest)
+        with self.guard():
+            if not self.has_layer(diff_id):
+                raise ImageError(f"cannot record a blob of layer {diff_id}: no such layer")
+            self._check_blob_size(blob.digest, blob.size)
+            data: dict[str, Any] = {"mediaType": blob.media_type, "size": blob.size}
+            if blob.diff_size is not None:
+                data["diffSize"] = blob.diff_size
+            directory = self._dist / diff_hex
+            directory.mkdir(exist_ok=True)
+            self._atomic_write(directory / f"{blob_hex}.json", canonical_json(data))
+
+    def layer_blobs(self, diff_id: str) -> list[BlobRecord]:
+        """The recorded blobs of a layer whose blob is present, by digest.
+
+        A record that cannot be read is left out (``fsck`` reports it; ``prune`` keeps it only
+        while it is readable and its blob and layer exist).
+        """
+        directory = self._dist / _check_sha256(diff_id)
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            record = self._read_dist(directory / name)
+            if record is not None and (self._blobs / record.digest[7:]).is_file():
+                found.append(record)
+        return found
+
+    def _read_dist(self, path: Path) -> BlobRecord | None:
+        hexname = path.name.removesuffix(".json")
+        if not (path.name.endswith(".json") and _HEX64.fullmatch(hexname)):
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            size, diff_size = data["size"], data.get("diffSize")
+            if not isinstance(size, int) or not (diff_size is None or isinstance(diff_size, int)):
+                return None
+            return BlobRecord("sha256:" + hexname, str(data["mediaType"]), size, diff_size)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _check_blob_size(self, digest: str, size: int) -> None:
+        try:
+            found = os.stat(self._blobs / _check_sha256(digest)).st_size
+        except FileNotFoundError as e:
+            raise ImageNotFound(f"blob {digest} is not in the store {self.root}") from e
+        if found != size:
+            raise StoreCorruptError(f"blob {digest} has {found} bytes, not {size}")
+
+    def record_manifest(self, digest: str, media_type: str, image_id: str) -> None:
+        """Record that the blob ``digest`` is a manifest of the image ``image_id``.
+
+        Then ``name@<digest>`` resolves to the image, and an export can send the same manifest
+        (same digest) again. The blob and the image must be in the store.
+        """
+        manifest_hex = _check_sha256(digest)
+        with self.guard():
+            if not self._image_path(image_id).is_file():
+                raise ImageNotFound(f"cannot record manifest {digest}: no image {image_id}")
+            if not self.has_blob(digest):
+                raise ImageNotFound(f"cannot record manifest {digest}: the blob is missing")
+            path = self._manifests / f"{manifest_hex}.json"
+            old = self._read_manifest_record(path)
+            if old is not None and old.image_id == image_id and old.media_type == media_type:
+                return  # keep its creation time: the first manifest of an image stays first
+            data = {"image": image_id, "mediaType": media_type, "created": _now()}
+            self._atomic_write(path, canonical_json(data))
+
+    def manifest_records(self, image_id: str) -> list[ManifestRecord]:
+        """The manifests recorded for an image whose blob is present, oldest first."""
+        _check_sha256(image_id)
+        found = []
+        for name in os.listdir(self._manifests):
+            record = self._read_manifest_record(self._manifests / name)
+            if record is not None and record.image_id == image_id and self.has_blob(record.digest):
+                found.append(record)
+        return sorted(found, key=lambda r: (r.created, r.digest))
+
+    def manifest_image(self, digest: str) -> str | None:
+        """The image a recorded manifest describes, or None when it is not recorded."""
+        path = self._manifests / f"{_check_sha256(digest)}.json"
+        record = self._read_manifest_record(path)
+        return None if record is None else record.image_id
+
+    def _read_manifest_record(self, path: Path) -> ManifestRecord | None:
+        hexname = path.name.removesuffix(".json")
+        if not (path.name.endswith(".json") and _HEX64.fullmatch(hexname)):
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            image = data["image"]
+            check_digest(image)
+            return ManifestRecord(
+                "sha256:" + hexname, str(data["mediaType"]), image, str(data.get("created", ""))
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     # --- layers ---
 
@@ -645,8 +917,12 @@ class Store:
                     f"{self.root} (run fsck)"
                 )
             digest = ref.digest
-            if digest and digest.startswith("sha256:") and self._image_path(digest).is_file():
-                return digest
+            if digest and digest.startswith("sha256:"):
+                if self._image_path(digest).is_file():
+                    return digest
+                described = self.manifest_image(digest)  # name@<manifest digest>
+                if described is not None and self._image_path(described).is_file():
+                    return described
         prefix = _ID_PREFIX.fullmatch(text)
         if prefix is not None:
             matches = sorted(
@@ -716,6 +992,18 @@ class Store:
 
     def _image_path(self, iid: str) -> Path:
         return self._images / f"{_check_sha256(iid)}.json"
+
+    def config_bytes(self, ref_or_id: str) -> bytes:
+        """The config of an image exactly as stored (its digest is the image id; verified)."""
+        iid = self.resolve(ref_or_id)
+        path = self._image_path(iid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise ImageNotFound(f"no image {ref_or_id!r} in the store {self.root}") from e
+        if image_id(data) != iid:
+            raise StoreCorruptError(f"{path}: content has digest {image_id(data)}, not {iid}")
+        return data
 
     def _load_config(self, iid: str, name: str | None = None) -> ImageConfig:
         path = self._image_path(iid)
@@ -820,7 +1108,8 @@ class Store:
         max_size: int | None = None,
         max_age: float | None = None,
     ) -> PruneReport:
-        """Remove dead temp work, orphan layers and dangling cache entries.
+        """Remove dead temp work, orphan layers, dangling cache entries, the blob records of
+        layers and images that are gone, and the blobs no record refers to.
 
         ``keep_images=False`` also removes every image no container uses. ``max_size`` (disk
         bytes of unpacked layers; blobs are not counted) and ``max_age`` (seconds since last use) evict cache-only layers, least recently
@@ -867,6 +1156,9 @@ class Store:
                     os.unlink(self._cache / f"{key}.json")
             for diff_id in sorted(plan.layers):
                 self._remove_layer(diff_id)
+            blob_plan = self._prune_blobs(
+                layers=layers.keys() - plan.layers, images=configs.keys() - plan.images
+            )
             # Nobody holds a key lock without the guard, which we exclude: safe to clear.
             for name in os.listdir(self._key_locks):
                 with suppress(FileNotFoundError):
@@ -879,7 +1171,56 @@ class Store:
             cache=tuple(sorted(plan.cache)),
             freed=freed,
             kept=sum(u.size for u in layers.values()) - freed,
+            blobs=tuple(sorted(blob_plan[0].blobs)),
+            blob_bytes=blob_plan[1],
         )
+
+    def _prune_blobs(self, *, layers: Set[str], images: Set[str]) -> tuple[BlobPrunePlan, int]:
+        """Remove records whose layer, image or blob is gone, then unreferenced blobs (under
+        the exclusive gc lock). Returns the plan and the bytes of blobs removed."""
+        blobs = {"sha256:" + n for n in os.listdir(self._blobs) if _HEX64.fullmatch(n)}
+        dist: set[tuple[str, str]] = set()
+        unreadable: list[Path] = []
+        for diff_hex in os.listdir(self._dist):
+            directory = self._dist / diff_hex
+            if not _HEX64.fullmatch(diff_hex) or not directory.is_dir():
+                continue
+            for name in os.listdir(directory):
+                if self._read_dist(directory / name) is None:
+                    unreadable.append(directory / name)
+                else:
+                    dist.add(("sha256:" + diff_hex, "sha256:" + name.removesuffix(".json")))
+        manifests: dict[str, str] = {}
+        for name in os.listdir(self._manifests):
+            record = self._read_manifest_record(self._manifests / name)
+            if record is None:
+                unreadable.append(self._manifests / name)
+            else:
+                manifests[record.digest] = record.image_id
+        plan = plan_blob_prune(
+            blobs=blobs, dist=dist, manifests=manifests, layers=layers, images=images
+        )
+        # Records before blobs: a kill in between leaves unreferenced blobs, never a record
+        # naming a blob that is gone.
+        for path in unreadable:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+        for diff_id, blob in sorted(plan.dist):
+            with suppress(FileNotFoundError):
+                os.unlink(self._dist / diff_id[7:] / f"{blob[7:]}.json")
+        for digest in sorted(plan.manifests):
+            with suppress(FileNotFoundError):
+                os.unlink(self._manifests / f"{digest[7:]}.json")
+        for diff_hex in os.listdir(self._dist):
+            with suppress(OSError):  # not empty: still has records
+                os.rmdir(self._dist / diff_hex)
+        freed = 0
+        for digest in sorted(plan.blobs):
+            path = self._blobs / digest[7:]
+            with suppress(FileNotFoundError):
+                freed += os.stat(path).st_size
+                os.unlink(path)
+        return plan, freed
 
     def _layer_uses(self) -> dict[str, LayerUse]:
         uses = {}
@@ -912,6 +1253,7 @@ class Store:
         problems: list[Problem] = []
         with self.guard():
             problems += self._check_blobs()
+            problems += self._check_blob_records()
             problems += self._check_layers()
             images = self._check_images(problems)
             for ref, iid in sorted(self._read_tags().items()):
@@ -934,6 +1276,57 @@ class Store:
             if found != name:
                 problems.append(
                     Problem("blob", f"sha256:{name}", f"content has digest sha256:{found}")
+                )
+        return problems
+
+    def _check_blob_records(self) -> list[Problem]:
+        """Records of layers and images that exist must be readable and name blobs that are
+        there, of the recorded size (a manifest: of that image). Records of what is gone are
+        garbage for :meth:`prune`, not problems."""
+        problems = []
+        for diff_hex in sorted(os.listdir(self._dist)):
+            diff_id = f"sha256:{diff_hex}"
+            directory = self._dist / diff_hex
+            if not _HEX64.fullmatch(diff_hex) or not directory.is_dir():
+                problems.append(Problem("blob", str(directory), "not a layer's record directory"))
+                continue
+            if not self.has_layer(diff_id):
+                continue
+            for name in sorted(os.listdir(directory)):
+                record = self._read_dist(directory / name)
+                if record is None:
+                    problems.append(
+                        Problem("blob", str(directory / name), f"unreadable record of {diff_id}")
+                    )
+                    continue
+                try:
+                    self._check_blob_size(record.digest, record.size)
+                except (ImageNotFound, StoreCorruptError) as e:
+                    problems.append(Problem("blob", record.digest, f"layer {diff_id}: {e}"))
+        for name in sorted(os.listdir(self._manifests)):
+            path = self._manifests / name
+            manifest = self._read_manifest_record(path)
+            if manifest is None:
+                problems.append(Problem("manifest", str(path), "unreadable record"))
+                continue
+            if not self._image_path(manifest.image_id).is_file():
+                continue
+            try:
+                with self.open_blob(manifest.digest) as f:
+                    config = json.loads(f.read())["config"]["digest"]
+            except ImageNotFound:
+                problems.append(Problem("manifest", manifest.digest, "its blob is missing"))
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems.append(Problem("manifest", manifest.digest, f"unreadable manifest: {e}"))
+                continue
+            if config != manifest.image_id:
+                problems.append(
+                    Problem(
+                        "manifest",
+                        manifest.digest,
+                        f"names config {config}, recorded for image {manifest.image_id}",
+                    )
                 )
         return problems
 

@@ -414,7 +414,7 @@ def test_a_failed_run_names_the_line_the_exit_code_and_the_output(
         do_build(store, engine, ctx)
     (ctx / "Dockerfile").write_text("FROM missing-image:1\n")
     with pytest.raises(BuildError, match=r"pytest-isolate import ROOTFS\.tar missing-image:1"):
-        do_build(store, engine, ctx)
+        do_build(store, engine, ctx, pull="never")
 
 
 class Counter:

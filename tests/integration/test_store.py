@@ -21,10 +21,12 @@ import pytest
 from runtime.errors import ImageError, ImageNotFound, SpecError, StoreCorruptError
 from runtime.image.config import ImageConfig
 from runtime.image.store import (
+    BlobRecord,
     CacheRecord,
     LayerUse,
     Store,
     chain_id,
+    plan_blob_prune,
     plan_prune,
     store_root,
 )
@@ -758,3 +760,139 @@ def test_mode_bits_survive_in_the_store(store: Store) -> None:
 
     layer = store.ensure_layer("mode", produce)
     assert stat.S_IMODE((layer.path / "run").stat().st_mode) == 0o755
+
+
+# --- blob records: which blob holds which layer, which manifest describes which image ---
+
+
+def test_plan_blob_prune_is_pure() -> None:
+    b1, b2, b3, b4, m1, m2 = (digest(x.encode()) for x in ("b1", "b2", "b3", "b4", "m1", "m2"))
+    la, lb = digest(b"la"), digest(b"lb")
+    plan = plan_blob_prune(
+        blobs={b1, b2, b3, b4, m1},
+        dist={(la, b1), (lb, b2), (la, digest(b"gone"))},
+        manifests={m1: "sha256:" + "1" * 64, m2: "sha256:" + "1" * 64},
+        layers={la},
+        images={"sha256:" + "1" * 64},
+    )
+    assert plan.dist == {(lb, b2), (la, digest(b"gone"))}  # layer gone; blob gone
+    assert plan.manifests == {m2}  # its blob is gone
+    assert plan.blobs == {b2, b3, b4}  # b1 and m1 stay: live records name them
+
+
+def test_blob_writer_commits_or_drops(store: Store) -> None:
+    with store.blob_writer() as w:
+        w.write(b"part one, ")
+        w.write(memoryview(b"part two"))
+        assert w.size == 18 and w.digest == digest(b"part one, part two")
+        assert w.commit(expected=digest(b"part one, part two"), size=18) == w.digest
+    assert store.has_blob(digest(b"part one, part two"))
+    with store.blob_writer() as w:
+        w.write(b"abandoned")
+    assert not store.has_blob(digest(b"abandoned"))
+    with store.blob_writer() as w:
+        w.write(b"short")
+        with pytest.raises(StoreCorruptError, match="has 5 bytes, expected 6"):
+            w.commit(size=6)
+    with pytest.raises(RuntimeError), store.blob_writer() as w:
+        w.write(b"failed")
+        raise RuntimeError
+    assert not store.has_blob(digest(b"short")) and not store.has_blob(digest(b"failed"))
+    assert os.listdir(store.root / "tmp") == []
+
+
+def test_layer_blob_records(store: Store) -> None:
+    layer = store.ensure_layer("k", producer({"f": b"1"}))
+    blob = store.put_blob(io.BytesIO(b"compressed tar"))
+    record = BlobRecord(blob, "application/vnd.oci.image.layer.v1.tar+gzip", 14, 2048)
+    with pytest.raises(ImageError, match="no such layer"):
+        store.record_layer_blob(digest(b"nope"), record)
+    with pytest.raises(StoreCorruptError, match="has 14 bytes, not 15"):
+        store.record_layer_blob(layer.diff_id, BlobRecord(blob, "x", 15))
+    with pytest.raises(ImageNotFound, match="not in the store"):
+        store.record_layer_blob(layer.diff_id, BlobRecord(digest(b"absent"), "x", 1))
+    assert store.layer_blobs(layer.diff_id) == []
+    store.record_layer_blob(layer.diff_id, record)
+    assert store.layer_blobs(layer.diff_id) == [record]
+    os.unlink(store.root / "blobs" / "sha256" / blob[7:])
+    assert store.layer_blobs(layer.diff_id) == []  # a record without its blob is no use
+
+
+def test_a_recorded_manifest_digest_resolves(store: Store) -> None:
+    layer = store.ensure_layer("k", producer({"f": b"1"}))
+    iid = image_on(store, layer.diff_id)
+    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": iid}}).encode()
+    mdigest = digest(manifest)
+    with pytest.raises(ImageNotFound, match="the blob is missing"):
+        store.record_manifest(mdigest, "application/vnd.oci.image.manifest.v1+json", iid)
+    store.put_blob(io.BytesIO(manifest))
+    with pytest.raises(ImageNotFound, match="no image"):
+        store.record_manifest(mdigest, "m", digest(b"no such config"))
+    with pytest.raises(ImageNotFound):
+        store.resolve(f"registry.example/app@{mdigest}")
+    store.record_manifest(mdigest, "application/vnd.oci.image.manifest.v1+json", iid)
+    assert store.resolve(f"registry.example/app@{mdigest}") == iid
+    assert store.get_image(f"app:v1@{mdigest}").id == iid
+    assert store.manifest_image(mdigest) == iid
+    [record] = store.manifest_records(iid)
+    assert (record.digest, record.image_id) == (mdigest, iid)
+    assert (
+        store.config_bytes(f"app@{mdigest}")
+        == (store.root / "images" / "sha256" / f"{iid[7:]}.json").read_bytes()
+    )
+    store.remove_image(iid)
+    with pytest.raises(ImageNotFound):
+        store.resolve(f"registry.example/app@{mdigest}")
+
+
+def test_prune_drops_records_and_blobs_nothing_refers_to(store: Store) -> None:
+    kept_layer = store.ensure_layer("kept", producer({"k": b"1"}))
+    gone_layer = store.ensure_layer("gone", producer({"g": b"2"}))
+    os.unlink(store.root / "cache" / "gone.json")  # an orphan layer: prune removes it
+    kept_blob = store.put_blob(io.BytesIO(b"kept layer tar"))
+    gone_blob = store.put_blob(io.BytesIO(b"gone layer tar"))
+    stray = store.put_blob(io.BytesIO(b"nobody's"))
+    store.record_layer_blob(kept_layer.diff_id, BlobRecord(kept_blob, "t", 14))
+    store.record_layer_blob(gone_layer.diff_id, BlobRecord(gone_blob, "t", 14))
+    kept_image = image_on(store, kept_layer.diff_id, note="kept")
+    gone_image = image_on(store, kept_layer.diff_id, note="gone")
+    manifests = {}
+    for iid in (kept_image, gone_image):
+        data = json.dumps({"config": {"digest": iid}}).encode()
+        manifests[iid] = store.put_blob(io.BytesIO(data))
+        store.record_manifest(manifests[iid], "m", iid)
+    store.remove_image(gone_image)
+    (store.root / "manifests" / "sha256" / "junk.json").write_text("{")  # ignored, not valid
+
+    report = store.prune()
+    assert report.layers == (gone_layer.diff_id,)
+    assert set(report.blobs) == {gone_blob, stray, manifests[gone_image]}
+    assert report.blob_bytes == 14 + 8 + len(json.dumps({"config": {"digest": gone_image}}))
+    assert sorted(os.listdir(store.root / "blobs" / "sha256")) == sorted(
+        [kept_blob[7:], manifests[kept_image][7:]]
+    )
+    assert os.listdir(store.root / "dist" / "sha256") == [kept_layer.diff_id[7:]]
+    assert store.manifest_records(kept_image)[0].digest == manifests[kept_image]
+    assert store.manifest_image(manifests[gone_image]) is None
+    assert store.fsck() == []
+    assert store.prune().blobs == ()
+
+
+def test_fsck_checks_blob_records(store: Store) -> None:
+    layer = store.ensure_layer("k", producer({"k": b"1"}))
+    iid = image_on(store, layer.diff_id)
+    blob = store.put_blob(io.BytesIO(b"layer blob"))
+    store.record_layer_blob(layer.diff_id, BlobRecord(blob, "t", 10))
+    manifest = store.put_blob(io.BytesIO(json.dumps({"config": {"digest": iid}}).encode()))
+    store.record_manifest(manifest, "m", iid)
+    wrong = store.put_blob(io.BytesIO(json.dumps({"config": {"digest": digest(b"x")}}).encode()))
+    store.record_manifest(wrong, "m", iid)
+    problems = {(p.kind, p.subject): p.detail for p in store.fsck()}
+    assert problems == {
+        ("manifest", wrong): f"names config {digest(b'x')}, recorded for image {iid}"
+    }
+    os.unlink(store.root / "blobs" / "sha256" / blob[7:])
+    os.unlink(store.root / "blobs" / "sha256" / manifest[7:])
+    problems = {(p.kind, p.subject): p.detail for p in store.fsck()}
+    assert "is not in the store" in problems["blob", blob]
+    assert problems["manifest", manifest] == "its blob is missing"

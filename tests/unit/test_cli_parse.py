@@ -230,6 +230,16 @@ def test_image_rows_one_per_tag_and_none_when_untagged() -> None:
     assert image_rows([tagged], {}, reference="busybox:1") == []
 
 
+def test_image_rows_show_a_repository_digest_beside_its_tags_or_alone() -> None:
+    d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    pushed = image(("reg:5000/app:1", f"reg:5000/app@{d1}", f"reg:5000/other@{d2}"))
+    rows = image_rows([pushed], {})
+    assert [(r.repository, r.tag, r.digest) for r in rows] == [
+        ("reg:5000/app", "1", d1),
+        ("reg:5000/other", "<none>", d2),
+    ]
+
+
 def test_history_rows_newest_first_with_layer_sizes() -> None:
     img = image(layers=(L1, L2))
     rows = history_rows(img, {L1: 100, L2: 20})
