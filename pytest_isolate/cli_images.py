@@ -367,6 +367,8 @@ def cmd_rmi(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) ->
         try:
             image = store.get_image(ref)
             plan = plan_rmi(ref, image, force=args.force)
+            if plan.delete:  # before untagging, as docker: a refusal changes nothing
+                store.check_unused(image.id, ref)
             for tag in plan.untag:
                 store.untag(tag)
                 out.write(f"Untagged: {parse(tag).familiar}\n")

@@ -59,6 +59,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Set
@@ -111,6 +112,7 @@ _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=-]{0,199}", re.ASCII)
 _HEX64 = re.compile(r"[a-f0-9]{64}", re.ASCII)
 _ID_PREFIX = re.compile(r"(?:sha256:)?([a-f0-9]{1,64})", re.ASCII)
 _GUARDS_HELD: dict[str, int] = {}
+_GUARDS_LOCK = threading.Lock()  # pull imports layers from several threads, each guarded
 """Store roots whose guard this process holds (inherited by forks, as the flock is)."""
 
 Producer = Callable[[Path], str]
@@ -477,11 +479,13 @@ class Store:
         """
         key = str(self.root)
         with _flock(self._locks / "gc.lock", shared=True):
-            _GUARDS_HELD[key] = _GUARDS_HELD.get(key, 0) + 1
+            with _GUARDS_LOCK:
+                _GUARDS_HELD[key] = _GUARDS_HELD.get(key, 0) + 1
             try:
                 yield
             finally:
-                _GUARDS_HELD[key] -= 1
+                with _GUARDS_LOCK:
+                    _GUARDS_HELD[key] -= 1
 
     @contextmanager
     def key_lock(self, key: str) -> Iterator[None]:
@@ -973,22 +977,29 @@ class Store:
     def remove_image(self, ref_or_id: str, *, force: bool = False) -> list[str]:
         """Remove an image and every tag pointing to it; return those tags.
 
-        Refuses an image a container uses (the ``in_use`` hook) unless ``force``. Its layers
-        stay until :meth:`prune`, which removes those no other image or cache entry needs.
+        Refuses an image a container uses (the ``in_use`` hook), even with ``force``, as docker
+        does for a running container: its layers are under the container's overlay, and a prune
+        would take them once no image refers to them. Its layers stay until :meth:`prune`, which
+        removes those no other image or cache entry needs. ``force`` is accepted for the
+        callers' sake (the command line's ``rmi -f``) and changes nothing here.
         """
         with self._tags_locked() as tags:
             iid = self.resolve(ref_or_id)
-            if not force and self._in_use(iid):
-                raise ImageError(
-                    f"image {ref_or_id!r} ({iid}) is used by a container; stop it first or "
-                    "pass force=True"
-                )
+            self.check_unused(iid, ref_or_id)
             removed = sorted(t for t, i in tags.items() if i == iid)
             if removed:  # tags first: a kill in between leaves an untagged image
                 self._write_tags({t: i for t, i in tags.items() if i != iid})
             with suppress(FileNotFoundError):
                 os.unlink(self._image_path(iid))
         return removed
+
+    def check_unused(self, image_id: str, name: str | None = None) -> None:
+        """Raise :class:`ImageError` when a container uses the image (the ``in_use`` hook)."""
+        if self._in_use(image_id):
+            raise ImageError(
+                f"conflict: unable to delete image {name or image_id!r} ({image_id}) (cannot be "
+                "forced): it is used by a container; remove the container first"
+            )
 
     def _image_path(self, iid: str) -> Path:
         return self._images / f"{_check_sha256(iid)}.json"

@@ -383,5 +383,8 @@ def test_an_image_in_use_by_a_container_is_kept(cli: Cli) -> None:
     cli("run", "-d", "--name", "user", "mine:1", "sleep", "1000")
     with pytest.raises(ImageError, match="used by a container"):
         open_store().remove_image("mine:1")
+    refused = cli("rmi", "-f", "mine:1")
+    assert refused.code == 1 and "cannot be forced" in refused.err
+    assert cli("images", "-q", "mine:1").out.strip(), "a refused rmi removed the tag"
     assert cli("rm", "-f", "user").code == 0
     assert open_store().remove_image(image_id) == ["docker.io/library/mine:1"]

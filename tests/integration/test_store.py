@@ -401,8 +401,11 @@ def test_untag_and_remove(tmp_path: Path) -> None:
     used.add(iid)
     with pytest.raises(ImageError, match="used by a container"):
         store.remove_image("a")
+    with pytest.raises(ImageError, match="cannot be forced"):
+        store.remove_image("a", force=True)
     assert store.get_image("a").id == iid
-    assert store.remove_image("a", force=True) == ["docker.io/library/a:latest"]
+    used.clear()
+    assert store.remove_image("a") == ["docker.io/library/a:latest"]
     with pytest.raises(ImageNotFound):
         store.get_image(iid)
     assert store.has_layer(layer.diff_id)  # layers go with prune, not with the image
