@@ -342,3 +342,32 @@ def test_skopeo_reads_and_copies_what_we_push(
     assert [layer["digest"] for layer in copied["layers"]] == inspected["Layers"]
     if not docker_format:
         assert entry["digest"] == pushed.digest
+
+
+@needs_busybox
+def test_a_zstd_layer_the_registry_serves_is_pulled_and_runs(
+    registry: RegistryServer, stores: tuple[Store, Store], image: str, engine: Engine
+) -> None:
+    zstandard = pytest.importorskip("zstandard", reason="zstd layers need the zstandard module")
+    from runtime.image import exchange
+
+    here, there = stores
+    exported = exchange.export_image(here, image)
+    repo = "team/zstd"
+    layers = []
+    with Registry(registry.host) as client:
+        for blob in exported.layers:
+            with here.open_blob(blob.descriptor.digest) as raw:
+                tar = exchange.uncompressed(raw).read()  # type: ignore[arg-type]
+            data = zstandard.ZstdCompressor().compress(tar)
+            layers.append(mf.Descriptor(mf.OCI_LAYER_ZSTD, digest(data), len(data)))
+            client.upload_blob(repo, layers[-1].digest, len(data), data)
+        client.upload_blob(
+            repo, exported.config.digest, exported.config.size, exported.config_bytes
+        )
+        manifest = mf.make_manifest(exported.config, layers)
+        client.put_manifest(repo, "v1", manifest, mf.OCI_MANIFEST)
+
+    pulled = pull(there, registry.ref(repo, "v1"))
+    assert pulled.image_id == here.resolve(image)  # the same diff ids, another compression
+    assert run_image(engine, there, registry.ref(repo, "v1")) == "hello from the registry\n"
