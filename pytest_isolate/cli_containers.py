@@ -32,6 +32,7 @@ from pytest_isolate.cli_format import (
     table,
     truncate,
 )
+from pytest_isolate.cli_images import add_change_options
 from runtime import state
 from runtime.detached import client
 from runtime.detached.record import EXITED, RUNNING, ContainerRecord
@@ -500,16 +501,7 @@ def add_commands(sub: Any) -> None:
         ),
     )
     p.add_argument("-a", "--author", default=None, help="author of the image")
-    p.add_argument(
-        "-c",
-        "--change",
-        dest="changes",
-        action="append",
-        default=[],
-        metavar="LINE",
-        help="a Dockerfile line for the config, e.g. 'CMD [\"sh\"]' (repeatable)",
-    )
-    p.add_argument("-m", "--message", default=None, help="comment recorded in the history")
+    add_change_options(p)
     p.add_argument(
         "-p", "--pause", action="store_true", help="accepted for docker habits (not paused)"
     )

@@ -471,6 +471,21 @@ def _format_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_change_options(p: argparse.ArgumentParser) -> None:
+    """``-c/--change LINE`` and ``-m/--message``: what ``import`` and ``commit`` write into the
+    new image's config and history, as docker's."""
+    p.add_argument("-m", "--message", default=None, help="comment recorded in the history")
+    p.add_argument(
+        "-c",
+        "--change",
+        dest="changes",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a Dockerfile line for the config, e.g. 'CMD [\"/bin/sh\"]' (repeatable)",
+    )
+
+
 def add_commands(sub: Any) -> None:
     """Add the image commands to the ``pytest-isolate`` sub-command parser ``sub``."""
     p = sub.add_parser(
@@ -531,16 +546,7 @@ def add_commands(sub: Any) -> None:
             "with gzip, xz, zstd or bzip2), e.g. one made by `mmdebstrap`. Prints the image id."
         ),
     )
-    p.add_argument("-m", "--message", default=None, help="comment recorded in the history")
-    p.add_argument(
-        "-c",
-        "--change",
-        dest="changes",
-        action="append",
-        default=[],
-        metavar="LINE",
-        help="a Dockerfile line for the config, e.g. 'CMD [\"/bin/sh\"]' (repeatable)",
-    )
+    add_change_options(p)
     p.add_argument("file", metavar="ROOTFS.tar")
     p.add_argument("reference", nargs="?", metavar="NAME[:TAG]")
     p.set_defaults(handler=cmd_import)
