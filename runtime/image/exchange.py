@@ -17,8 +17,11 @@ keeps its digests.
 Importing (:func:`import_layer`, :func:`import_image`, for pull and load). The compressed
 stream is read once: each chunk goes into the blob's temp file while the safe unpacker reads the
 same bytes (:func:`runtime.image.layer.unpack_layer`, which finds gzip, zstd or plain tar by
-content). At the end, the size and digest of the compressed bytes are checked against the
-descriptor, and the digest of the uncompressed tar against the diff id; any mismatch raises
+content). The unpacker pulls its input on a thread of its own, so the download, the blob's copy
+and digest and the inflating run on one core while the other creates the files
+(``bench/bench_registry.py``: the pull of a 126 MB image went from 2.19 s to 1.33 s). At the
+end, the size and digest of the compressed bytes are checked against the descriptor, and the
+digest of the uncompressed tar against the diff id; any mismatch raises
 :class:`StoreCorruptError` naming both digests, and nothing is stored (no blob, no layer). The
 unpack runs under :meth:`Store.ensure_layer`, keyed by the diff id, so N threads or processes
 pulling one layer unpack it once.
@@ -47,7 +50,7 @@ from typing import IO, Any, BinaryIO, cast
 
 from runtime.errors import ImageError, LayerError, SpecError, StoreCorruptError
 from runtime.image.config import ImageConfig, image_id
-from runtime.image.layer import layer_digest, pack_layer, unpack_layer
+from runtime.image.layer import gunzip, layer_digest, pack_layer, unpack_layer
 from runtime.image.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -578,7 +581,7 @@ def uncompressed(raw: IO[bytes]) -> IO[bytes]:
     stream = cast(IO[bytes], _Prepended(head, raw))
     errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
     if head.startswith(_GZIP_MAGIC):
-        return cast(IO[bytes], _Checked(gzip.GzipFile(fileobj=stream, mode="rb"), errors))
+        return cast(IO[bytes], _Checked(gunzip(stream), errors))
     if head.startswith(_ZSTD_MAGIC):
         try:
             zstandard = importlib.import_module("zstandard")
