@@ -423,6 +423,7 @@ class Container:
         names = (["user"] if self.userns else []) + ["mnt", "uts", "ipc", "net", "pid", "cgroup"]
         parent_sock, child_sock = socket.socketpair()
         caller = os.getpid()
+        launch.flush_stdio()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             stage = launch._Stage(child_sock)

@@ -244,6 +244,7 @@ def start(
     direct = plan.idmap is None and os.geteuid() == 0
     caller = os.getpid()
     alive_r, alive_w = os.pipe()  # EOF on alive_r tells a child its caller is gone
+    flush_stdio()
     try:
         pid = _fork_into_new_pid_namespace() if direct else os.fork()
     except BaseException:
@@ -270,6 +271,19 @@ def start(
             proc.wait()
         raise
     return proc
+
+
+def flush_stdio() -> None:
+    """Flush Python's ``sys.stdout``/``sys.stderr`` before forking the caller.
+
+    A child inherits what the caller had buffered; a child that flushes those streams (a test
+    run by the pytest plugin prints its report lines) would print it a second time. Seen for
+    real: a pytest session writing to a pipe printed ``building ...`` twice, rootless.
+    ``multiprocessing`` flushes before its forks for the same reason.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, detached or replaced: nothing to keep
+            stream.flush()
 
 
 _own_pid_ns: int | None = None

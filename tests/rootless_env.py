@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -339,8 +339,9 @@ def remove_tree(root: Path) -> None:
     """Remove the scratch tree, including what the user made read-only.
 
     Files the user created (its home, its ``TMPDIR``, tmp_path trees, files owned by its
-    sub-ids) are all inside ``root``. Root deletes them regardless of owner; a directory the
-    user left without write or search permission is opened up and the removal retried.
+    sub-ids) are all inside ``root`` or its sibling :func:`user_tmp`. Root deletes them
+    regardless of owner; a directory the user left without write or search permission is opened
+    up and the removal retried.
     """
 
     def retry(path: str) -> None:
@@ -352,10 +353,24 @@ def remove_tree(root: Path) -> None:
         elif os.path.lexists(path):
             os.unlink(path)
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(root, onexc=lambda _f, path, _e: retry(path))
-    else:
-        shutil.rmtree(root, onerror=lambda _f, path, _e: retry(path))
+    for top in (user_tmp(root), root):
+        if not os.path.lexists(top):
+            continue
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(top, onexc=lambda _f, path, _e: retry(path))
+        else:
+            shutil.rmtree(top, onerror=lambda _f, path, _e: retry(path))
+
+
+def user_tmp(root: Path) -> Path:
+    """The user's ``TMPDIR``: beside ``root`` in the system's temporary directory, not inside it.
+
+    As for any user, every directory from ``/tmp`` down to a test's ``tmp_path`` then belongs to
+    the user. Rootless, a container writes there through overlayfs, whose copy-up recreates each
+    parent directory with its owner; a parent owned by real root (``root`` here) cannot be, as
+    root is not mapped in the user's namespace (EOVERFLOW).
+    """
+    return root.with_name(root.name + "-tmp")
 
 
 @dataclass(frozen=True)
@@ -392,9 +407,10 @@ def stage(repo: Path, root: Path, user: pwd.struct_passwd) -> Staged:
 
     The copies stay owned by root, so the user's run cannot change what it tests; ``home``
     and ``tmp`` belong to the user, and pytest's ``tmp_path`` lands in ``tmp`` through
-    ``TMPDIR``, so everything the run creates is under ``root`` and goes with it.
+    ``TMPDIR``, so everything the run creates is under ``root`` or ``tmp`` (:func:`user_tmp`)
+    and goes with them.
     """
-    staged = Staged(root, root / "tree", root / "site", root / "home", root / "tmp")
+    staged = Staged(root, root / "tree", root / "site", root / "home", user_tmp(root))
     for d in (staged.tree, staged.site):
         d.mkdir(mode=0o755)
     for d in (staged.home, staged.tmp):
@@ -431,13 +447,23 @@ def inner_interpreter(candidates: Iterable[str] | None = None) -> Path | None:
     return None
 
 
-def inner_command(python: Path, tests: Path, marker: str = "rootless") -> list[str]:
-    """The inner pytest run.
+def inner_command(python: Path, tests: Sequence[Path], marker: str = "rootless") -> list[str]:
+    """The inner pytest run over the directories ``tests``.
 
     ``-S`` keeps the system's site-packages (Debian ships pytest plugins there) out: the run
     sees the standard library plus exactly the copied tree.
     """
-    return [str(python), "-S", "-m", "pytest", "-p", "no:cacheprovider", "-m", marker, str(tests)]
+    return [
+        str(python),
+        "-S",
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        marker,
+        *map(str, tests),
+    ]
 
 
 PASSED_THROUGH = ("PYTEST_ISOLATE_DEBIAN_TARBALL",)

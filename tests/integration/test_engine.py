@@ -12,6 +12,8 @@ import pickle
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -377,6 +379,33 @@ def test_call_returns_the_value_from_inside(engine: Engine) -> None:
 def test_call_needs_no_picklable_function(engine: Engine) -> None:
     captured = {"n": 5}
     assert engine.call(ContainerSpec(HOST), lambda: captured["n"] + 1) == 6
+
+
+SAYS_ONCE = """
+import sys
+from pathlib import Path
+
+from runtime import ContainerSpec, Engine, Rootfs
+
+print("buffered before the fork")  # stdout is a pipe: block-buffered, not yet written
+engine = Engine(state_root=Path(sys.argv[1]))
+engine.call(ContainerSpec(Rootfs(host=True)), lambda: sys.stdout.flush())
+engine.close()
+"""
+
+
+@pytest.mark.rootless
+def test_what_the_caller_had_buffered_is_printed_once(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", SAYS_ONCE, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "buffered before the fork\n"
 
 
 def _fails_inside() -> None:

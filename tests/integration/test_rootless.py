@@ -2,7 +2,7 @@
 
 As root, :func:`test_rootless_tests_pass_as_an_unprivileged_user` copies the tree and its
 installed dependencies to a scratch directory (see :mod:`tests.rootless_env`) and runs
-``pytest -m rootless tests/integration`` there as the user ``isolate-test``. Everything else
+``pytest -m rootless tests/integration tests/plugin`` there as the user ``isolate-test``. Everything else
 in this file is what that inner run needs to prove it really is unprivileged, plus fast tests
 of the harness's pure parts.
 """
@@ -45,11 +45,13 @@ def test_rootless_tests_pass_as_an_unprivileged_user() -> None:
         staged = env.stage(REPO, root, user)
         environ = env.inner_environment(user, staged.home, staged.tmp, staged.pythonpath)
         environ[INNER_FLAG] = "1"
-        argv = env.inner_command(python, staged.tree / "tests" / "integration")
+        argv = env.inner_command(
+            python, [staged.tree / "tests" / "integration", staged.tree / "tests" / "plugin"]
+        )
         result = env.run_as(user, argv, environ, cwd=staged.tree, timeout=INNER_TIMEOUT)
     finally:
         env.remove_tree(root)
-    assert not root.exists()
+    assert not root.exists() and not env.user_tmp(root).exists()
 
     problem = env.verdict(result, INNER_TIMEOUT)
     if problem is not None:

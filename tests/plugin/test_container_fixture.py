@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
 if TYPE_CHECKING:
     from tests.plugin.conftest import RunPytest
 
@@ -60,6 +62,7 @@ DRIVES = """
 """
 
 
+@pytest.mark.rootless
 def test_the_fixtures_drive_running_containers(runpytest: RunPytest, pytester) -> None:
     pytester.makepyfile(test_drive=DRIVES)
     pytester._monkeypatch.setenv("PYTEST_ISOLATE_STORE", str(pytester.path / "store"))

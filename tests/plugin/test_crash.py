@@ -53,6 +53,7 @@ CRASHES = """
 """
 
 
+@pytest.mark.rootless
 def test_crashes_and_timeouts_are_failures_naming_the_cause(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:

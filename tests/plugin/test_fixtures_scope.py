@@ -103,6 +103,7 @@ SCOPES_TWO = """
 """
 
 
+@pytest.mark.rootless
 def test_each_wider_fixture_is_set_up_once_and_torn_down_after_its_last_test(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:

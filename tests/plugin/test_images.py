@@ -78,6 +78,7 @@ def project(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory)
     return pytester
 
 
+@pytest.mark.rootless
 def test_images_build_once_and_failures_are_errors_of_their_tests(
     project: pytest.Pytester, runpytest: RunPytest
 ) -> None:

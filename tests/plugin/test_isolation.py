@@ -54,6 +54,7 @@ INSIDE = """
 """
 
 
+@pytest.mark.rootless
 def test_a_containerized_test_is_alone(pytester: pytest.Pytester, runpytest: RunPytest) -> None:
     probe = Path(f"/etc/pytest-isolate-probe-{uuid.uuid4().hex[:12]}")
     assert not probe.exists()

@@ -33,6 +33,7 @@ def use_store(pytester: pytest.Pytester, path: Path) -> None:
     pytester._monkeypatch.setenv("PYTEST_ISOLATE_STORE", str(path))
 
 
+@pytest.mark.rootless
 def test_a_missing_image_is_pulled_unless_the_policy_says_never(
     project: pytest.Pytester,  # noqa: F811
     runpytest: RunPytest,

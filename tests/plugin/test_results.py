@@ -54,6 +54,7 @@ OUTCOMES = """
 """
 
 
+@pytest.mark.rootless
 def test_each_outcome_as_plain_pytest_reports_it(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:
@@ -203,6 +204,7 @@ REPORTS = """
 """
 
 
+@pytest.mark.rootless
 def test_junitxml_has_cases_failures_and_properties(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:
