@@ -14,8 +14,12 @@ Exit status as for the image commands: 0 on success, 1 when the command failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import os
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -169,19 +173,34 @@ def cmd_logout(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO)
 
 
 def cmd_save(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
-    if args.output is None and args.format == "oci-dir":
+    if args.output is not None:
+        archive.save(store, args.images, args.output, format=args.format)
+        return 0
+    if args.format == "oci-dir":
         raise SpecError("save --format oci-dir needs -o DIRECTORY")
-    if args.output is None and out.isatty():
+    if out.isatty():
         raise SpecError("save: refusing to write an archive to a terminal; use -o FILE")
-    target = args.output if args.output is not None else sys.stdout.buffer
-    archive.save(store, args.images, target, format=args.format)
+    # The archive is written whole, then copied: a failed save writes nothing to the pipe.
+    with tempfile.TemporaryDirectory(prefix="pytest-isolate-save-") as work:
+        path = os.path.join(work, "archive.tar")
+        archive.save(store, args.images, path, format=args.format)
+        out.flush()
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
     return 0
 
 
 def cmd_load(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
-    source = args.input if args.input is not None else sys.stdin.buffer
-    for name in archive.load(store, source):
-        print(f"Loaded image: {name}", file=out)
+    with contextlib.ExitStack() as stack:
+        source = args.input
+        if source is None:  # the loader reads archives by name: spool standard input first
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="pytest-isolate-load-"))
+            source = os.path.join(work, "archive.tar")
+            with open(source, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        for name in archive.load(store, source):
+            print(f"Loaded image: {name}", file=out)
     return 0
 
 

@@ -166,6 +166,25 @@ def test_save_then_load_into_another_store(
     assert ids[0] == ids[1] != ""
 
 
+def test_save_to_stdout_and_load_from_stdin(
+    tmp_path: Path, here: Cli, there: Cli, context: Path, home: dict[str, str]
+) -> None:
+    ok(here("build", "-q", "-t", "app:1", str(context)))
+    env = {**os.environ, **home}
+    streamed = subprocess.run(
+        f"{sys.executable} -m pytest_isolate save app:1 | "
+        f"PYTEST_ISOLATE_STORE={tmp_path / 'store-there'} {sys.executable} -m pytest_isolate load",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTEST_ISOLATE_STORE": str(tmp_path / "store-here")},
+        timeout=120,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == "Loaded image: docker.io/library/app:1\n"
+    assert ok(there("run", "--pull", "never", "app:1")).out == "hello over the registry\n"
+
+
 def test_a_build_reuses_the_cache_another_store_pushed(
     registry: RegistryServer, here: Cli, there: Cli, context: Path
 ) -> None:
