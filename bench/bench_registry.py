@@ -53,7 +53,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,13 +60,13 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bench_build import Row  # noqa: E402 - one row type for the bench tables
 from runtime.build.builder import BuildOptions, build  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.image import exchange  # noqa: E402
@@ -91,17 +90,6 @@ COPY py /usr/lib/python3.11
 COPY bin /usr/bin
 CMD ["/bin/busybox", "sh", "-c", "/bin/busybox ls /usr/lib/python3.11 /usr/bin | /bin/busybox wc -l"]
 """
-
-
-@dataclass
-class Row:
-    name: str
-    seconds: list[float] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.seconds) if self.seconds else None
 
 
 def _timed(fn: Callable[[], Any]) -> float:

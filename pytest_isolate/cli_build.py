@@ -116,6 +116,8 @@ def cmd_build(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) 
         result = build(opts, store=store)
         failed = False
     finally:
+        for cache in cache_from:
+            cache.close()
         if display is not None:
             display.close(failed=failed)
     if args.cache_to:

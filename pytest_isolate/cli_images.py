@@ -373,7 +373,7 @@ def cmd_rmi(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) ->
                 store.untag(tag)
                 out.write(f"Untagged: {parse(tag).familiar}\n")
             if plan.delete:
-                store.remove_image(image.id, force=args.force)
+                store.remove_image(image.id)
                 out.write(f"Deleted: {image.id}\n")
         except ImageError as e:
             err.write(f"pytest-isolate: {e}\n")

@@ -22,16 +22,17 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pytest_isolate.cli_build import add_insecure_option
 from runtime.errors import SpecError
-from runtime.image import archive
-from runtime.image.manifest import Platform
-from runtime.image.store import Store
-from runtime.registry import credentials, transfer
-from runtime.registry.client import Registry
-from runtime.registry.transfer import TransferEvent
+
+if TYPE_CHECKING:
+    # Imported where a command runs: every `pytest-isolate` command parses this module's
+    # options, and the registry client and archive code would add ~50 ms to each start.
+    from runtime.image.manifest import Platform
+    from runtime.image.store import Store
+    from runtime.registry.transfer import TransferEvent
 
 __all__ = ["add_commands", "event_line", "parse_platform"]
 
@@ -62,6 +63,8 @@ def parse_platform(text: str) -> Platform:
     parts = text.split("/")
     if len(parts) not in (2, 3) or not all(parts):
         raise SpecError(f"--platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64/v8")
+    from runtime.image.manifest import Platform
+
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
@@ -98,6 +101,8 @@ class _Lines:
 
 def cmd_pull(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
     platform = parse_platform(args.platform) if args.platform else None
+    from runtime.registry import transfer
+
     result = transfer.pull(
         store,
         args.reference,
@@ -118,6 +123,8 @@ def cmd_pull(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -
 
 
 def cmd_push(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
+    from runtime.registry import transfer
+
     result = transfer.push(
         store,
         args.image,
@@ -150,6 +157,9 @@ def _password(args: argparse.Namespace, read_stdin: Callable[[], str]) -> str:
 
 
 def cmd_login(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
+    from runtime.registry import credentials
+    from runtime.registry.client import Registry
+
     username = args.username
     if username is None:
         if args.password_stdin:
@@ -165,6 +175,8 @@ def cmd_login(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) 
 
 
 def cmd_logout(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
+    from runtime.registry import credentials
+
     if credentials.erase(args.server):
         print(f"Removing login credentials for {args.server}", file=out)
     else:
@@ -173,6 +185,8 @@ def cmd_logout(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO)
 
 
 def cmd_save(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
+    from runtime.image import archive
+
     if args.output is not None:
         archive.save(store, args.images, args.output, format=args.format)
         return 0
@@ -192,6 +206,8 @@ def cmd_save(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -
 
 
 def cmd_load(args: argparse.Namespace, store: Store, out: TextIO, err: TextIO) -> int:
+    from runtime.image import archive
+
     with contextlib.ExitStack() as stack:
         source = args.input
         if source is None:  # the loader reads archives by name: spool standard input first

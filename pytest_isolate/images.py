@@ -124,6 +124,7 @@ class SessionImages:
             elif event.kind == "warning":
                 self._report(f"  warning: {event.text}")
 
+        caches = self._cache_from(store)
         try:
             result = build(
                 BuildOptions(
@@ -134,12 +135,15 @@ class SessionImages:
                     progress=progress,
                     pull=self._registry.pull,
                     puller=self._pull,
-                    cache_from=self._cache_from(store),
+                    cache_from=caches,
                 ),
                 store=store,
             )
         except BuildError as e:
             raise BuildError(f"building {request.name} failed: {e}") from e
+        finally:
+            for cache in caches:
+                cache.close()
         if self._registry.cache_to and not all(s.cached for s in result.steps):
             self._export_cache(store, result)
         return resolve_image(store, result.image_id)

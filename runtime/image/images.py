@@ -706,8 +706,10 @@ def history_text(instr: df.Instruction) -> str:
     """
     if isinstance(instr, (df.Env, df.Label)):
         return " ".join([instr.keyword, *(f"{k}={v}" for k, v in instr.pairs)])
-    if isinstance(instr, (df.Workdir, df.User)):
-        return f"{instr.keyword} {instr.path if isinstance(instr, df.Workdir) else instr.user}"
+    if isinstance(instr, df.Workdir):
+        return f"WORKDIR {instr.path}"
+    if isinstance(instr, df.User):
+        return f"USER {instr.user}"
     return instr.original.strip()
 
 

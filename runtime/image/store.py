@@ -974,14 +974,13 @@ class Store:
             self._write_tags(tags)
         return iid
 
-    def remove_image(self, ref_or_id: str, *, force: bool = False) -> list[str]:
+    def remove_image(self, ref_or_id: str) -> list[str]:
         """Remove an image and every tag pointing to it; return those tags.
 
-        Refuses an image a container uses (the ``in_use`` hook), even with ``force``, as docker
-        does for a running container: its layers are under the container's overlay, and a prune
-        would take them once no image refers to them. Its layers stay until :meth:`prune`, which
-        removes those no other image or cache entry needs. ``force`` is accepted for the
-        callers' sake (the command line's ``rmi -f``) and changes nothing here.
+        Refuses an image a container uses (the ``in_use`` hook), with no way to force it, as
+        docker does for a running container: its layers are under the container's overlay, and
+        a prune would take them once no image refers to them. Its layers stay until
+        :meth:`prune`, which removes those no other image or cache entry needs.
         """
         with self._tags_locked() as tags:
             iid = self.resolve(ref_or_id)

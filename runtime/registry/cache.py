@@ -140,7 +140,8 @@ def export_cache(
 class RegistryCache:
     """``--cache-from REF``: a :class:`runtime.build.builder.RemoteCache` backed by a registry.
 
-    ``warn`` receives the one-line reason when the cache cannot be used at all.
+    ``warn`` receives the one-line reason when the cache cannot be used at all. One client
+    (its connections and tokens) serves every step of the build; :meth:`close` it afterwards.
     """
 
     def __init__(
@@ -154,14 +155,19 @@ class RegistryCache:
     ) -> None:
         self.store = store
         self.ref = _cache_ref(ref)
-        self._insecure = tuple(insecure)
         self._warn = warn or (lambda _text: None)
-        self._http = http
+        self._registry = Registry(self.ref.domain, insecure=tuple(insecure), http=http)
         self._entries: dict[str, CacheEntry] | None = None
         self._lock = threading.Lock()
 
-    def _registry(self) -> Registry:
-        return Registry(self.ref.domain, insecure=self._insecure, http=self._http)
+    def close(self) -> None:
+        self._registry.close()
+
+    def __enter__(self) -> RegistryCache:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def entries(self) -> dict[str, CacheEntry]:
         """The cache's records, read on first use; empty (with a warning) when unusable."""
@@ -175,15 +181,12 @@ class RegistryCache:
             return self._entries
 
     def _read(self) -> dict[str, CacheEntry]:
-        with self._registry() as registry:
-            fetched = registry.get_manifest(self.ref.path, self.ref.tag or "latest")
-            where = f"{self.ref.familiar}@{fetched.digest}"
-            manifest = check_cache_manifest(
-                mf.parse_manifest(fetched.data, fetched.media_type), where
-            )
-            data = registry.get_blob(
-                self.ref.path, manifest.config.digest, manifest.config.size, limit=CONFIG_LIMIT
-            )
+        fetched = self._registry.get_manifest(self.ref.path, self.ref.tag or "latest")
+        where = f"{self.ref.familiar}@{fetched.digest}"
+        manifest = check_cache_manifest(mf.parse_manifest(fetched.data, fetched.media_type), where)
+        data = self._registry.get_blob(
+            self.ref.path, manifest.config.digest, manifest.config.size, limit=CONFIG_LIMIT
+        )
         return parse_cache_config(data, manifest, where)
 
     def fetch(self, key: str) -> bool:
@@ -191,10 +194,9 @@ class RegistryCache:
         if entry is None:
             return False
         if exchange.layer_needed(self.store, entry.blob, entry.diff_id):
-            with (
-                self._registry() as registry,
-                registry.open_blob(self.ref.path, entry.blob.digest, entry.blob.size) as reader,
-            ):
+            with self._registry.open_blob(
+                self.ref.path, entry.blob.digest, entry.blob.size
+            ) as reader:
                 exchange.import_layer(self.store, entry.blob, entry.diff_id, reader)  # type: ignore[arg-type]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         self.store.put_cache(key, CacheRecord("layer", entry.diff_id, now))

@@ -396,6 +396,8 @@ engine.close()
 
 @pytest.mark.rootless
 def test_what_the_caller_had_buffered_is_printed_once(tmp_path: Path) -> None:
+    # Without launch.flush_stdio() this fails in the rootless run (the line comes out twice),
+    # checked; as root the child that inherits the buffer happens not to flush it.
     (tmp_path / "state").mkdir()
     out = subprocess.run(
         [sys.executable, "-c", SAYS_ONCE, str(tmp_path / "state")],
