@@ -118,7 +118,7 @@ from runtime.image import images, layer
 from runtime.image.config import ImageConfig, host_architecture
 from runtime.image.images import LayeredView, Puller, PullPolicy
 from runtime.image.reference import HOST
-from runtime.image.store import LayerRecord, Store, chain_id
+from runtime.image.store import PACKED_AGAIN, LayerRecord, Store, chain_id
 from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, Rootfs, TmpfsMount
 
 __all__ = [
@@ -557,7 +557,11 @@ class _Build:
                 if remote.fetch(store_key):
                     break
         record = self.store.ensure_layer(
-            store_key, producer, parent=state.chain(), force=state.no_cache
+            store_key,
+            producer,
+            parent=state.chain(),
+            force=state.no_cache,
+            fingerprint=PACKED_AGAIN[self.rootless],
         )
         out["key"] = store_key
         out["cached"] = not ran
@@ -918,7 +922,8 @@ class _Build:
                 keep_owner=from_src is not None,
             )
             _write_items(items, directory, rootless=self.rootless)
-            return layer.layer_digest(directory, rootless=self.rootless)[0]
+            with self.store.writeback():
+                return layer.layer_digest(directory, rootless=self.rootless)[0]
 
         self._add_layer(state, key, produce, created_by, out)
 

@@ -39,7 +39,7 @@ from runtime.errors import DockerfileSyntaxError, ImageError, ImageNotFound, Lay
 from runtime.image import layer, safepath
 from runtime.image.config import Healthcheck, ImageConfig
 from runtime.image.reference import HOST, SCRATCH, parse
-from runtime.image.store import Store, chain_id
+from runtime.image.store import PACKED_AGAIN, Store, chain_id
 from runtime.rootfs import Overlay
 from runtime.spec import DEFAULT_PATH, Rootfs
 
@@ -808,6 +808,7 @@ def commit(
                 lambda d: capture_layer(parts, d, rootless=rootless, skip=skip),
                 parent=parent,
                 force=True,
+                fingerprint=PACKED_AGAIN[rootless],
             )
         except OSError as e:
             raise ImageError(f"cannot commit container {container.id}: {e}") from e

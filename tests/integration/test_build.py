@@ -30,7 +30,7 @@ from runtime.engine import Engine
 from runtime.errors import BuildError
 from runtime.image import layer
 from runtime.image.images import LayeredView, resolve_image
-from runtime.image.store import Store
+from runtime.image.store import PACKED_AGAIN, Store
 from runtime.spec import ContainerSpec
 from tests.integration import debian_repo
 
@@ -385,6 +385,28 @@ def test_copy_and_add_sources(tmp_path: Path, store: Store, engine: Engine) -> N
         for name in ("a.txt", "b.txt"):
             (ctx / name).unlink()
         do_build(store, engine, ctx, build_args={"URL": "http://127.0.0.1:1/x"})
+
+
+@pytest.mark.rootless
+def test_a_built_layer_is_fingerprinted_by_its_diff_id_and_fsck_packs_it_again(
+    tmp_path: Path, store: Store, engine: Engine
+) -> None:
+    ctx = tmp_path / "ctx"
+    (ctx / "data").mkdir(parents=True)
+    (ctx / "data" / "a.txt").write_text("a\n")
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY data/ /data/\n")
+    result = do_build(store, engine, ctx)
+    [diff_id] = result.config.diff_ids
+    record = store.get_layer(diff_id)
+    rootless = os.geteuid() != 0
+    # The diff id is the fingerprint: no pass over the files was spent on another digest.
+    assert record.content_algorithm == PACKED_AGAIN[rootless].name
+    assert record.content_digest == diff_id
+    assert store.fsck() == []
+    (record.path / "data" / "a.txt").write_text("b\n")
+    [problem] = store.fsck()
+    assert (problem.kind, problem.subject) == ("layer", diff_id)
+    assert f"content changed: {PACKED_AGAIN[rootless].name} digest" in problem.detail
 
 
 # --- failures and interruptions ----------------------------------------------------------------

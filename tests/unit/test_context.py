@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from runtime.build.context import (
     BuildContext,
     Source,
+    _BigFiles,  # its size threshold
     checksum,
     has_wildcards,
     load_memo,
@@ -237,3 +239,18 @@ def test_the_memo_survives_a_save_and_load_and_a_broken_one_is_empty(tmp_path: P
     path.write_text('{"v": 999, "entries": [[1, 2, 3, 4, 5, "x"]]}')
     assert load_memo(path) == {}
     assert load_memo(tmp_path / "missing.json") == {}
+
+
+def test_big_files_are_hashed_on_other_threads_with_the_same_result(tmp_path: Path) -> None:
+    big = os.urandom(_BigFiles.SIZE + 1)
+    root = tree(tmp_path, {"d/a.txt": "a", "d/z.txt": "z"})
+    (root / "d" / "m.bin").write_bytes(big)
+    (root / "d" / "n.bin").write_bytes(big[::-1])
+    memo: dict[tuple[int, int, int, int, int], str] = {}
+    [src] = BuildContext(root, memo=memo).select("d")
+    assert rels(src) == ["", "a.txt", "m.bin", "n.bin", "z.txt"]
+    expected = [hashlib.sha256(b).hexdigest() for b in (b"a", big, big[::-1], b"z")]
+    assert [e.digest for e in src.entries[1:]] == expected
+    assert sorted(memo.values()) == sorted(expected)
+    # Memoised now: the same selection is answered without threads, with the same checksum.
+    assert checksum([src]) == checksum(BuildContext(root, memo=memo).select("d"))
