@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pytest_isolate import cli_build, cli_containers, cli_images, cli_registry
-from runtime import ContainerSpec, Engine
+from runtime import ContainerSpec
 from runtime.errors import ExecError, IsolateError
 from runtime.spec import parse_tmpfs, parse_volume
 
@@ -152,6 +152,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_container(spec: ContainerSpec, args: argparse.Namespace) -> int:
+    from runtime.engine import Engine
+
     engine = Engine()
     with engine.create(spec) as container:
         stdin = None if args.interactive or args.tty else os.open(os.devnull, os.O_RDONLY)

@@ -36,7 +36,6 @@ from pytest_isolate.cli_images import add_change_options
 from runtime import state
 from runtime.detached import client
 from runtime.detached.record import EXITED, RUNNING, ContainerRecord
-from runtime.detached.supervisor import Launch
 from runtime.errors import ExecError, IsolateError, SpecError
 from runtime.image.store import Store
 from runtime.spec import ContainerSpec, parse_env
@@ -178,6 +177,8 @@ def run_detached(
             "run -d cannot be combined with -t or -i: a detached container has no terminal or "
             "stdin to attach to"
         )
+    from runtime.detached.supervisor import Launch  # the engine's code, only when one runs
+
     launch = Launch(
         spec=spec,
         state_root=str(state_root()),

@@ -77,14 +77,11 @@ import posixpath
 import re
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from runtime.build import cachekey, stages
 from runtime.build import dockerfile as df
@@ -112,7 +109,6 @@ from runtime.build.copier import (
 )
 from runtime.build.expand import expand_instruction
 from runtime.build.ignore import clean_path
-from runtime.engine import Engine
 from runtime.errors import BuildError, DockerfileSyntaxError, ImageNotFound, IsolateError
 from runtime.image import images, layer
 from runtime.image.config import ImageConfig, host_architecture
@@ -120,6 +116,9 @@ from runtime.image.images import LayeredView, Puller, PullPolicy
 from runtime.image.reference import HOST
 from runtime.image.store import PACKED_AGAIN, LayerRecord, Store, chain_id
 from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, Rootfs, TmpfsMount
+
+if TYPE_CHECKING:
+    from runtime.engine import Engine
 
 __all__ = [
     "BuildEvent",
@@ -320,14 +319,14 @@ def build(
     Raises :class:`~runtime.errors.BuildError` naming the Dockerfile, line and instruction
     (:class:`~runtime.errors.DockerfileSyntaxError` for what the parser or the expansion finds).
     """
-    return _Build(opts, store or Store.open(), engine or Engine()).run()
+    return _Build(opts, store or Store.open(), engine).run()
 
 
 class _Build:
-    def __init__(self, opts: BuildOptions, store: Store, engine: Engine) -> None:
+    def __init__(self, opts: BuildOptions, store: Store, engine: Engine | None) -> None:
         self.opts = opts
         self.store = store
-        self.engine = engine
+        self._engine = engine
         self.context_dir = opts.context.resolve()
         self.dockerfile_path = (
             Path(opts.dockerfile)
@@ -354,6 +353,14 @@ class _Build:
         self._emit(BuildEvent("warning", stage, 0, self.total, "", line, text))
 
     # -- driving
+
+    def engine(self) -> Engine:
+        """The engine for RUN steps, made (and its code imported) only when one runs."""
+        if self._engine is None:
+            from runtime.engine import Engine
+
+            self._engine = Engine()
+        return self._engine
 
     def run(self) -> BuildResult:
         try:
@@ -688,7 +695,7 @@ class _Build:
                 BuildEvent("output", state.name, self.step_no, self.total, shown, instr.line, text)
             )
 
-        with self.engine.create(spec) as container:
+        with self.engine().create(spec) as container:
             r, w = os.pipe()
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -928,6 +935,9 @@ class _Build:
         self._add_layer(state, key, produce, created_by, out)
 
     def _download(self, url: str, instr: df.Copy | df.Add) -> _Input:
+        import email.utils  # here: most builds never download (both take ~30 ms to import)
+        import urllib.request
+
         parsed = urllib.parse.urlsplit(url)
         name = posixpath.basename(urllib.parse.unquote(parsed.path))
         path = self._tmpdir() / "download"
@@ -947,7 +957,7 @@ class _Build:
         mtime = 0
         if modified:
             with contextlib.suppress(TypeError, ValueError):
-                mtime = int(parsedate_to_datetime(modified).timestamp())
+                mtime = int(email.utils.parsedate_to_datetime(modified).timestamp())
         if not name:
             raise BuildError(f"ADD {url}: the URL names no file; give a destination file name")
         return _Input(name, url, host=str(path), digest=digest, mtime=mtime, file_mode=0o600)

@@ -13,13 +13,16 @@ import select
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime import control, state
 from runtime.detached import logs, protocol
 from runtime.detached.record import LOG, ContainerRecord, live_records, read_record, resolve
-from runtime.detached.supervisor import Launch, spawn
 from runtime.diff import Change
 from runtime.errors import ContainerError
+
+if TYPE_CHECKING:
+    from runtime.detached.supervisor import Launch
 
 __all__ = [
     "commit",
@@ -67,6 +70,8 @@ def images_in_use(root: Path) -> set[str]:
 
 def start(launch: Launch) -> ContainerRecord:
     """Start a detached container (see :func:`runtime.detached.supervisor.spawn`)."""
+    from runtime.detached.supervisor import spawn  # the engine's code, only for commands that run
+
     cid = spawn(launch)
     record = read_record(Path(launch.state_root) / cid)
     if record is None:

@@ -29,12 +29,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from runtime import idmap
 from runtime.build import dockerfile as df
 from runtime.build.expand import expand_instruction
-from runtime.engine import Container
 from runtime.errors import DockerfileSyntaxError, ImageError, ImageNotFound, LayerError, SpecError
 from runtime.image import layer, safepath
 from runtime.image.config import Healthcheck, ImageConfig
@@ -42,6 +41,9 @@ from runtime.image.reference import HOST, SCRATCH, parse
 from runtime.image.store import PACKED_AGAIN, Store, chain_id
 from runtime.rootfs import Overlay
 from runtime.spec import DEFAULT_PATH, Rootfs
+
+if TYPE_CHECKING:
+    from runtime.engine import Container
 
 __all__ = [
     "BASE_LABEL",
