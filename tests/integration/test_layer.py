@@ -1062,3 +1062,19 @@ def test_unpack_and_pack_of_many_small_files_and_one_large_one(tmp_path: Path) -
     stats = layer.unpack_layer(io.BytesIO(data), tmp_path / "dst", rootless=True)
     assert stats.files == 201 and stats.diff_id == diff_id
     assert (tmp_path / "dst" / "big").stat().st_size == 20 << 20
+
+
+def test_layer_digest_hashes_on_another_thread_to_the_same_digest_and_stops_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "big").write_bytes(os.urandom(3 * layer.CHUNK + 5))
+    (tmp_path / "dir" / "small").write_bytes(b"x")
+    out = io.BytesIO()
+    written = layer.pack_layer(tmp_path, out, rootless=not IS_ROOT, owner=(0, 0))
+    # The digest of the tar pack_layer writes, hashed in the caller's thread.
+    assert written[0] == "sha256:" + hashlib.sha256(out.getvalue()).hexdigest()
+    assert layer.layer_digest(tmp_path, rootless=not IS_ROOT) == written
+    with pytest.raises(LayerError):
+        layer.layer_digest(tmp_path / "missing", rootless=not IS_ROOT)
+    assert not [t for t in threading.enumerate() if t.name == "layer-sha256"]
