@@ -108,7 +108,10 @@ class RunningContainer:
             self._c.copy_in(local, path)
 
     def diff(self) -> list[Change]:
-        return self._c.diff()
+        """What the container changed (``docker diff``), without the engine's mount points."""
+        from runtime.image.images import container_changes
+
+        return container_changes(self._c)
 
     def commit(self, ref: str | None = None, changes: Sequence[str] = (), message: str = "") -> str:
         """Save what the container changed as a new image (``docker commit``); returns its id.

@@ -581,16 +581,10 @@ class Supervisor:
         self._reply(job.conn, reply)
 
     def _op_diff(self, conn: socket.socket, request: dict[str, Any]) -> None:
-        """``docker diff``: the uppers' changes, without the mount points the engine made
-        (``/proc``, ``/etc/hosts``...), which belong to the container, not to what it did --
-        the same entries :func:`runtime.image.images.commit` leaves out of the layer."""
-        from runtime.image.images import mount_stubs
+        from runtime.image.images import container_changes
 
-        c = self.container
-        assert c is not None
-        targets = [b.target for b in c.spec.binds] + [t.target for t in c.spec.tmpfs]
-        stubs = mount_stubs(c.overlays, targets, rootless=c.userns)
-        changes = [ch for ch in c.diff() if ch.path.strip("/") not in stubs]
+        assert self.container is not None
+        changes = container_changes(self.container)
         self._reply(conn, {"ok": True, "changes": [[ch.kind, ch.path] for ch in changes]})
 
     def _op_commit(self, conn: socket.socket, request: dict[str, Any]) -> None:

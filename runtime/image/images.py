@@ -34,6 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from runtime import idmap
 from runtime.build import dockerfile as df
 from runtime.build.expand import expand_instruction
+from runtime.diff import Change
 from runtime.errors import DockerfileSyntaxError, ImageError, ImageNotFound, LayerError, SpecError
 from runtime.image import layer, safepath
 from runtime.image.config import Healthcheck, ImageConfig
@@ -434,6 +435,16 @@ def _overlay_for(overlays: Sequence[Overlay], path: str) -> tuple[Overlay, str] 
             rel = path[len(target) :].lstrip("/") if target else path
             best, best_len = (ov, rel), len(target)
     return best
+
+
+def container_changes(container: Container) -> list[Change]:
+    """``docker diff``: what ``container`` changed, without the mount points the engine made
+    (``/proc``, ``/etc/hosts``...), which belong to the container, not to what it did -- the
+    same entries :func:`commit` leaves out of the layer."""
+    spec = container.spec
+    targets = [b.target for b in spec.binds] + [t.target for t in spec.tmpfs]
+    stubs = mount_stubs(container.overlays, targets, rootless=container.userns)
+    return [ch for ch in container.diff() if ch.path.strip("/") not in stubs]
 
 
 def mount_stubs(

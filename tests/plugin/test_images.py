@@ -54,6 +54,9 @@ TESTS = """
     @IMAGE
     def test_fixture_on_the_image(container):
         assert container.exec("cat /etc/marker").stdout == "built\\n"
+        container.exec("touch /made-here", check=True)
+        # Only what the test did: not /proc, /dev, /etc/hosts... that the engine mounted.
+        assert [str(c) for c in container.diff()] == ["A /made-here"]
 
     def test_plain_after_all():
         pass
