@@ -86,6 +86,7 @@ def test_crashes_and_timeouts_are_failures_naming_the_cause(
     )
 
 
+@pytest.mark.rootless
 def test_exitfirst_stops_after_a_crash(pytester: pytest.Pytester, runpytest: RunPytest) -> None:
     pytester.makepyfile(test_crash=CRASHES)
     result = runpytest("--isolate", "-x")

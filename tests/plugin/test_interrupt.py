@@ -31,6 +31,7 @@ def _sleepers() -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.rootless
 def test_ctrl_c_interrupts_the_run_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -109,6 +109,7 @@ OUTPUT = """
 """
 
 
+@pytest.mark.rootless
 def test_output_logging_and_warnings_reach_the_report(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:
@@ -170,6 +171,7 @@ def test_exitfirst_stops_after_the_first_failure(
     result.stdout.no_fnmatch_line("*test_third*")
 
 
+@pytest.mark.rootless
 def test_last_failed_reruns_only_the_failures(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:
@@ -247,6 +249,7 @@ DURATIONS = """
 _DURATION = re.compile(r"(\d+\.\d+)s (setup|call|teardown) +\S+::(\w+)")
 
 
+@pytest.mark.rootless
 def test_durations_count_the_container_and_wider_fixtures(
     pytester: pytest.Pytester, runpytest: RunPytest
 ) -> None:

@@ -28,6 +28,7 @@ SPREAD = """
 """
 
 
+@pytest.mark.rootless
 def test_workers_run_tests_in_containers(pytester: pytest.Pytester, runpytest: RunPytest) -> None:
     pytester.makepyfile(test_spread=SPREAD)
     result = runpytest("-n", "2", "--isolate", "-v")
