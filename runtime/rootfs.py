@@ -73,7 +73,15 @@ FRESH_TMPFS_ON_HOST_IMAGE = ("/run",)
 promises the host's paths; it is copy-on-write like everything else.
 """
 
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEVICES = {
+    "null": (1, 3),
+    "zero": (1, 5),
+    "full": (1, 7),
+    "random": (1, 8),
+    "urandom": (1, 9),
+    "tty": (5, 0),
+}
+"""The devices of a container's ``/dev`` and their (major, minor) numbers, fixed by Linux."""
 DEV_SYMLINKS = (
     ("/proc/self/fd", "fd"),
     ("/proc/self/fd/0", "stdin"),
@@ -146,6 +154,15 @@ class MountPoint:
 
 
 @dataclass(frozen=True)
+class DeviceNode:
+    """A character device made with ``mknod``, mode 0666 (as root; rootless binds the host's)."""
+
+    path: str
+    major: int
+    minor: int
+
+
+@dataclass(frozen=True)
 class Symlink:
     target: str
     path: str
@@ -175,7 +192,7 @@ class PivotRoot:
     new_root: str
 
 
-Op = Mount | Mkdir | MountPoint | Symlink | RemountReadOnly | MaskPath | PivotRoot
+Op = Mount | Mkdir | MountPoint | DeviceNode | Symlink | RemountReadOnly | MaskPath | PivotRoot
 
 
 def parse_mountinfo(text: str) -> list[HostMount]:
@@ -470,11 +487,14 @@ def plan_mounts(
         Mkdir(r + "/dev"),
         Mount("tmpfs", r + "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
     ]
-    for dev in DEVICES:
-        ops += [
-            MountPoint(f"{r}/dev/{dev}", "/dev/null"),
-            Mount(f"/dev/{dev}", f"{r}/dev/{dev}", None, MS_BIND),
-        ]
+    for dev, (major, minor) in DEVICES.items():
+        if rootless:  # mknod needs CAP_MKNOD in the initial user namespace: bind the host's
+            ops += [
+                MountPoint(f"{r}/dev/{dev}", "/dev/null"),
+                Mount(f"/dev/{dev}", f"{r}/dev/{dev}", None, MS_BIND),
+            ]
+        else:  # as runc does: six mknods instead of six files and six mounts to make and undo
+            ops.append(DeviceNode(f"{r}/dev/{dev}", major, minor))
     ops += [Symlink(target, f"{r}/dev/{name}") for target, name in DEV_SYMLINKS]
     ops += [
         Mkdir(r + "/dev/pts"),
@@ -564,19 +584,24 @@ def _apply_one(op: Op, sys: _sys.Syscalls) -> None:
             sys.mkdir(op.path)
         else:
             sys.touch(op.path)
+    elif isinstance(op, DeviceNode):
+        sys.mknod(op.path, stat.S_IFCHR | 0o666, os.makedev(op.major, op.minor))
     elif isinstance(op, Symlink):
         sys.symlink(op.target, op.path)
     elif isinstance(op, RemountReadOnly):
         if op.bind_first:
-            if not os.path.lexists(op.path):
+            try:
+                sys.mount(op.path, op.path, None, MS_BIND | MS_REC, None)
+            except FileNotFoundError:
                 return
-            sys.mount(op.path, op.path, None, MS_BIND | MS_REC, None)
         flags = _locked_flags(op.path)
         sys.mount(None, op.path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
     elif isinstance(op, MaskPath):
-        if not os.path.lexists(op.path):
+        try:
+            st = os.lstat(op.path)
+        except FileNotFoundError:
             return
-        if os.path.isdir(op.path):
+        if stat.S_ISDIR(st.st_mode):
             sys.mount("tmpfs", op.path, "tmpfs", MS_RDONLY, None)
         else:
             sys.mount("/dev/null", op.path, None, MS_BIND, None)

@@ -190,6 +190,16 @@ class FakeSyscalls:
         self._add_dir(posixpath.dirname(p))
         self.files.add(p)
 
+    def mknod(self, path: str, mode: int, device: int) -> None:
+        self._record("mknod", path, mode, device)
+        p = self._resolve(path)
+        self._maybe_fail("mknod", p)
+        if self.exists(p):
+            self._raise(errno.EEXIST, "mknod", path)
+        if not self.exists(posixpath.dirname(p)):
+            self._raise(errno.ENOENT, "mknod", path)
+        self.files.add(p)
+
     def symlink(self, target: str, path: str) -> None:
         self._record("symlink", target, path)
         p = self._resolve(path)

@@ -28,6 +28,7 @@ from runtime._sys.fake import Call, FakeSyscalls
 from runtime.rootfs import (
     MASKED_PATHS,
     READONLY_PATHS,
+    DeviceNode,
     HostMount,
     MaskPath,
     Mkdir,
@@ -135,10 +136,17 @@ def test_proc_sys_and_devices_have_their_safety_flags(state: StatePaths) -> None
     assert isinstance(proc, Mount) and isinstance(sysfs, Mount)
     assert proc.flags == MS_NOSUID | MS_NODEV | MS_NOEXEC
     assert sysfs.flags == MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
+    dev = ops.index(Mount("tmpfs", r + "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"))
+    # As root the devices are made in the fresh /dev, with Linux's fixed numbers.
+    assert ops.index(DeviceNode(r + "/dev/null", 1, 3)) > dev
+    assert DeviceNode(r + "/dev/tty", 5, 0) in ops
+    assert not [op for op in ops if isinstance(op, Mount) and op.target == r + "/dev/null"]
+    # Rootless, mknod is not allowed: the host's node is bound onto an empty file.
+    ops = plan(host_spec(), state, rootless=True)
     null = ops[index(ops, lambda op: isinstance(op, Mount) and op.target == r + "/dev/null")]
     assert null == Mount("/dev/null", r + "/dev/null", None, MS_BIND)
-    # The device node's mount point exists before the bind.
     assert ops.index(MountPoint(r + "/dev/null", "/dev/null")) < ops.index(null)
+    assert not [op for op in ops if isinstance(op, DeviceNode)]
 
 
 def test_masked_and_read_only_proc_paths_come_after_proc_and_sys(state: StatePaths) -> None:
@@ -488,8 +496,10 @@ def test_apply_read_only_remount_binds_first_and_skips_a_missing_path(tmp_path: 
     apply(
         [RemountReadOnly(p, bind_first=True), RemountReadOnly(str(tmp_path / "gone"), True)], fake
     )
+    gone = str(tmp_path / "gone")
     assert fake.calls[0] == Call("mount", (p, p, None, MS_BIND | MS_REC, None))
-    assert len(fake.calls) == 2
+    # The missing path's bind fails with ENOENT (one syscall instead of a check first); no remount.
+    assert fake.calls[2:] == [Call("mount", (gone, gone, None, MS_BIND | MS_REC, None))]
     flags = fake.calls[1].args[3]
     assert isinstance(flags, int)
     assert flags & (MS_BIND | MS_REMOUNT | MS_RDONLY) == MS_BIND | MS_REMOUNT | MS_RDONLY
