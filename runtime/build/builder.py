@@ -936,6 +936,7 @@ class _Build:
 
     def _download(self, url: str, instr: df.Copy | df.Add) -> _Input:
         import email.utils  # here: most builds never download (both take ~30 ms to import)
+        import urllib.parse
         import urllib.request
 
         parsed = urllib.parse.urlsplit(url)

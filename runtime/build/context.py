@@ -457,7 +457,7 @@ class _BigFiles:
     def __init__(self, memo: DigestMemo) -> None:
         self.memo = memo
         self._pool: Any = None
-        self._futures: list[tuple[int, Any]] = []
+        self._futures: list[tuple[int, str, Any]] = []
 
     def take(self, index: int, path: str, st: os.stat_result) -> bool:
         """Hash ``path`` in a thread if it is big and not memoised; ``False``: do it yourself."""
@@ -467,11 +467,17 @@ class _BigFiles:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        self._futures.append((index, self._pool.submit(_file_digest, path, st, self.memo)))
+        self._futures.append((index, path, self._pool.submit(_file_digest, path, st, self.memo)))
         return True
 
     def digests(self) -> list[tuple[int, str]]:
-        return [(index, future.result()) for index, future in self._futures]
+        found = []
+        for index, path, future in self._futures:
+            try:
+                found.append((index, future.result()))
+            except OSError as e:
+                raise BuildError(f"cannot read {path} in the build context: {e.strerror}") from e
+        return found
 
     def __enter__(self) -> _BigFiles:
         return self

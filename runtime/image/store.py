@@ -88,6 +88,7 @@ from runtime.image.storefs import (
 
 __all__ = [
     "DEFAULT_TREE_DIGEST",
+    "PACKED_AGAIN",
     "BlobPrunePlan",
     "BlobRecord",
     "BlobWriter",
