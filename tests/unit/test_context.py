@@ -254,3 +254,17 @@ def test_big_files_are_hashed_on_other_threads_with_the_same_result(tmp_path: Pa
     assert sorted(memo.values()) == sorted(expected)
     # Memoised now: the same selection is answered without threads, with the same checksum.
     assert checksum([src]) == checksum(BuildContext(root, memo=memo).select("d"))
+
+
+def test_a_big_file_that_cannot_be_read_is_a_build_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tree(tmp_path, {"d/a.txt": "a"})
+    (root / "d" / "big.bin").write_bytes(b"\0" * _BigFiles.SIZE)
+
+    def unreadable(path: str, st: os.stat_result, memo: object) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr("runtime.build.context._file_digest", unreadable)
+    with pytest.raises(BuildError, match=r"cannot read .*big\.bin in the build context"):
+        BuildContext(root).select("d")
