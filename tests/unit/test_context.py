@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from runtime.build import context as context_module
 from runtime.build.context import (
     BuildContext,
+    DigestMemo,
     Source,
     _BigFiles,  # its size threshold
     checksum,
@@ -262,9 +264,13 @@ def test_a_big_file_that_cannot_be_read_is_a_build_error_naming_it(
     root = tree(tmp_path, {"d/a.txt": "a"})
     (root / "d" / "big.bin").write_bytes(b"\0" * _BigFiles.SIZE)
 
-    def unreadable(path: str, st: os.stat_result, memo: object) -> str:
-        raise PermissionError(13, "Permission denied", path)
+    real = context_module._file_digest
 
-    monkeypatch.setattr("runtime.build.context._file_digest", unreadable)
+    def unreadable(path: str, st: os.stat_result, memo: DigestMemo | None) -> str:
+        if path.endswith("big.bin"):  # root reads anything: fail the way a 0600 file would
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, st, memo)
+
+    monkeypatch.setattr(context_module, "_file_digest", unreadable)
     with pytest.raises(BuildError, match=r"cannot read .*big\.bin in the build context"):
         BuildContext(root).select("d")
