@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import io
 import os
 import zlib
@@ -50,7 +49,7 @@ from typing import IO, Any, BinaryIO, cast
 
 from runtime.errors import ImageError, LayerError, SpecError, StoreCorruptError
 from runtime.image.config import ImageConfig, image_id
-from runtime.image.layer import gunzip, layer_digest, pack_layer, unpack_layer
+from runtime.image.layer import decompressed, layer_digest, pack_layer, unpack_layer
 from runtime.image.manifest import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -92,8 +91,6 @@ KEY_VERSION = "v1"
 """Part of the store key of imported layers: bump it when the unpacked form of a tar changes."""
 
 _CHUNK = 1 << 20
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True)
@@ -540,21 +537,6 @@ def _gzip_layer(
 # --- reading layer blobs --------------------------------------------------------------------
 
 
-class _Prepended:
-    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
-        self._head = head
-        self._rest = rest
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._head:
-            return self._rest.read(size)
-        if size is None or size < 0:
-            data, self._head = self._head + self._rest.read(), b""
-        else:
-            data, self._head = self._head[:size], self._head[size:]
-        return data
-
-
 class _Checked:
     """A decompressing reader whose failures are :class:`LayerError`, whatever the codec."""
 
@@ -571,25 +553,6 @@ class _Checked:
 
 
 def uncompressed(raw: IO[bytes]) -> IO[bytes]:
-    """The uncompressed tar of a layer blob: gzip and zstd found by content, else as is."""
-    head = b""
-    while len(head) < 4:
-        more = raw.read(4 - len(head))
-        if not more:
-            break
-        head += more
-    stream = cast(IO[bytes], _Prepended(head, raw))
-    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
-    if head.startswith(_GZIP_MAGIC):
-        return cast(IO[bytes], _Checked(gunzip(stream), errors))
-    if head.startswith(_ZSTD_MAGIC):
-        try:
-            zstandard = importlib.import_module("zstandard")
-        except ImportError as e:
-            raise LayerError(
-                "the layer is zstd-compressed and the 'zstandard' module is not installed "
-                "(pip install zstandard)"
-            ) from e
-        reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-        return cast(IO[bytes], _Checked(reader, (*errors, zstandard.ZstdError)))
-    return cast(IO[bytes], _Checked(stream, errors))
+    """The uncompressed tar of a layer blob (gzip, zstd or plain, found by content), whose
+    read errors are :class:`LayerError`."""
+    return cast(IO[bytes], _Checked(decompressed(raw), (OSError, EOFError, zlib.error)))

@@ -377,6 +377,11 @@ def _decompressed(raw: IO[bytes]) -> Iterator[bytes]:
     return _read_chunks(stream)
 
 
+def decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """A reader of the uncompressed tar of the layer blob ``raw`` (see :func:`_decompressed`)."""
+    return cast(IO[bytes], _Chunks(_decompressed(raw)))
+
+
 @dataclass
 class _End:
     """The last item a :class:`_ReadAhead` thread queues: the end, or why it stopped."""
