@@ -41,8 +41,9 @@ import io
 import os
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -174,6 +175,23 @@ def _check_blob(blob: BlobWriter, descriptor: Descriptor) -> None:
         )
 
 
+@contextmanager
+def _read_through(tee: _Tee, blob: BlobWriter, descriptor: Descriptor) -> Iterator[None]:
+    """The body reads the blob through ``tee``; then the rest is drained and the blob checked.
+
+    A :class:`LayerError` from the body is often wrong bytes (truncated, corrupted): the
+    digest check says that first; else the error names the blob.
+    """
+    try:
+        yield
+        tee.drain()
+    except LayerError as e:
+        tee.drain()
+        _check_blob(blob, descriptor)
+        raise type(e)(f"{_describe(descriptor)}: {e}") from e
+    _check_blob(blob, descriptor)
+
+
 def _check_diff_id(found: str, diff_id: str, descriptor: Descriptor) -> None:
     if found != diff_id:
         raise StoreCorruptError(
@@ -224,15 +242,8 @@ def import_layer(
     def produce(directory: Path) -> str:
         with store.blob_writer() as blob:
             tee = _Tee(cast(IO[bytes], stream), blob, descriptor)
-            try:
+            with _read_through(tee, blob, descriptor):
                 stats = unpack_layer(cast(IO[bytes], tee), directory, rootless=unprivileged)
-                tee.drain()
-            except LayerError as e:
-                # Often the bytes are wrong (truncated, corrupted): say that, not "bad tar".
-                tee.drain()
-                _check_blob(blob, descriptor)
-                raise type(e)(f"{_describe(descriptor)}: {e}") from e
-            _check_blob(blob, descriptor)
             _check_diff_id(stats.diff_id, diff_id, descriptor)
             if plain and layer_digest(directory, rootless=unprivileged)[0] == diff_id:
                 return diff_id  # packs to the same tar: no blob needed, as for built layers
@@ -270,17 +281,11 @@ def _store_verified_blob(
         tee = _Tee(cast(IO[bytes], stream), blob, descriptor)
         sha = hashlib.sha256()
         size = 0
-        try:
+        with _read_through(tee, blob, descriptor):
             reader = uncompressed(cast(IO[bytes], tee))
             while chunk := reader.read(_CHUNK):
                 sha.update(chunk)
                 size += len(chunk)
-            tee.drain()
-        except LayerError as e:
-            tee.drain()
-            _check_blob(blob, descriptor)
-            raise type(e)(f"{_describe(descriptor)}: {e}") from e
-        _check_blob(blob, descriptor)
         _check_diff_id("sha256:" + sha.hexdigest(), diff_id, descriptor)
         blob.commit(expected=descriptor.digest, size=descriptor.size)
     return size
