@@ -30,9 +30,6 @@ DRIVES = """
         container.exec("touch /etc/newfile && rm /etc/hostname.d 2>/dev/null; true", check=True)
         changes = [str(c) for c in container.diff()]
         assert "A /etc/newfile" in changes and "A /opt/hello.txt" in changes, changes
-        # The engine's mount points are the container's, not changes it made (as docker diff).
-        made = {"/proc", "/dev", "/sys", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
-        assert not [c for c in changes if c.split()[1] in made], changes
         assert not os.path.exists("/opt/hello.txt")
         h = container.spawn("echo started; sleep 0.2; echo done")
         assert h.wait(10).code == 0
