@@ -28,10 +28,10 @@ import posixpath
 import re
 import stat
 import tarfile
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from runtime.build.context import Entry, Source, has_wildcards, selinux_free_xattrs
 from runtime.build.context import match_component as _match
@@ -553,35 +553,14 @@ def _fill(fd: int, item: _Put) -> None:
 
 def _unpack_archives(items: Mapping[str, _Put], directory: Path, *, rootless: bool) -> None:
     """Unpack ADD archives (re-emitted below their destinations) with the safe unpacker."""
-    r, w = os.pipe()
-    failure: list[BaseException] = []
 
-    def writer() -> None:
-        try:
-            with (
-                os.fdopen(w, "wb") as raw,
-                tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar,
-            ):
-                for key in sorted(items):
-                    put = items[key]
-                    assert put.host is not None
-                    _archive_members(tar, put, put.host)
-        except BrokenPipeError:
-            pass
-        except BaseException as e:
-            failure.append(e)
+    def write(raw: IO[bytes]) -> None:
+        with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for key in sorted(items):
+                put = items[key]
+                assert put.host is not None
+                _archive_members(tar, put, put.host)
 
-    thread = threading.Thread(target=writer, name="add-archive", daemon=True)
-    thread.start()
-    try:
-        with os.fdopen(r, "rb") as reader:
-            try:
-                layer.unpack_tree(reader, directory, rootless=rootless)
-            except BaseException:
-                if failure:
-                    raise failure[0] from None
-                raise
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    layer.through_pipe(
+        write, lambda reader: layer.unpack_tree(reader, directory, rootless=rootless), "add-archive"
+    )

@@ -24,7 +24,6 @@ import dataclasses
 import os
 import posixpath
 import stat
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -544,37 +543,12 @@ def capture_layer(
     if plan is not None and plan.multi_id:
         stats = _unpack_from_userns(pack, plan, dest)
     else:
-        stats = _unpack_from_thread(pack, dest, rootless=rootless)
+        stats = layer.through_pipe(
+            pack, lambda reader: layer.unpack_layer(reader, dest, rootless=rootless), "pack-upper"
+        )
     if rootless or len(parts) > 1:
         return layer.layer_digest(dest, rootless=rootless)[0]
     return stats.diff_id
-
-
-def _unpack_from_thread(
-    pack: Callable[[IO[bytes]], None], dest: Path, *, rootless: bool
-) -> layer.LayerStats:
-    r, w = os.pipe()
-    failure: list[BaseException] = []
-
-    def writer() -> None:
-        try:
-            with os.fdopen(w, "wb") as out:
-                pack(out)
-        except BrokenPipeError:
-            pass
-        except BaseException as e:
-            failure.append(e)
-
-    thread = threading.Thread(target=writer, name="pack-upper", daemon=True)
-    thread.start()
-    try:
-        with os.fdopen(r, "rb") as reader:
-            stats = layer.unpack_layer(reader, dest, rootless=rootless)
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
-    return stats
 
 
 def _unpack_from_userns(

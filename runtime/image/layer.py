@@ -42,10 +42,10 @@ import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Literal, TypeAlias, cast
+from typing import IO, Any, Literal, TypeAlias, TypeVar, cast
 
 from runtime.errors import LayerError, UnsafePathError
 from runtime.image import safepath
@@ -920,6 +920,45 @@ def unpack_layer(
         oci_whiteouts=True,
         whiteout_form=whiteout_form,
     )
+
+
+_T = TypeVar("_T")
+
+
+def through_pipe(
+    write: Callable[[IO[bytes]], None], read: Callable[[IO[bytes]], _T], name: str
+) -> _T:
+    """``read`` what ``write`` writes, through a pipe, with ``write`` on a thread named ``name``.
+
+    Streams a tar from a packer to the unpacker without holding it whole. When both fail, the
+    writer's error is raised: the reader failed because the writer stopped mid-stream.
+    """
+    r, w = os.pipe()
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with os.fdopen(w, "wb") as out:
+                write(out)
+        except BrokenPipeError:
+            pass  # the reader stopped first; its error says why
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=writer, name=name, daemon=True)
+    thread.start()
+    try:
+        with os.fdopen(r, "rb") as reader:
+            result = read(reader)
+    except BaseException:
+        thread.join()  # the pipe is closed: the writer stops at its next write
+        if failure:
+            raise failure[0] from None
+        raise
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result
 
 
 def unpack_tree(

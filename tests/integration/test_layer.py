@@ -1078,3 +1078,25 @@ def test_layer_digest_hashes_on_another_thread_to_the_same_digest_and_stops_it(
     with pytest.raises(LayerError):
         layer.layer_digest(tmp_path / "missing", rootless=not IS_ROOT)
     assert not [t for t in threading.enumerate() if t.name == "layer-sha256"]
+
+
+def test_through_pipe_returns_the_read_and_raises_the_writers_error_first() -> None:
+    def write(out: Any) -> None:
+        out.write(b"x" * 100_000)
+
+    assert layer.through_pipe(write, lambda r: len(r.read()), "t") == 100_000
+
+    def broken_writer(out: Any) -> None:
+        out.write(b"partial")
+        raise ValueError("the packer failed")
+
+    def strict_reader(r: Any) -> int:
+        data = r.read()
+        raise LayerError(f"truncated after {len(data)} bytes")
+
+    # The reader fails because the writer stopped: the writer's error says why.
+    with pytest.raises(ValueError, match="the packer failed"):
+        layer.through_pipe(broken_writer, strict_reader, "t")
+    with pytest.raises(LayerError, match="truncated after 100000"):
+        layer.through_pipe(write, strict_reader, "t")
+    assert not [t for t in threading.enumerate() if t.name == "t"]
