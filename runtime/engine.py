@@ -58,6 +58,8 @@ class ExecResult:
         return self.status.exit_code
 
 
+_DEFAULT_CAPS = process.cap_mask(set(process.DEFAULT_CAPS))
+
 MAX_RETIRED = 8
 """Retired containers :meth:`Engine.create` lets wait before it reaps them itself."""
 
@@ -124,6 +126,7 @@ class Engine:
             self._swept = True
         if len(self._pending) > MAX_RETIRED:
             self._collect(block=False)
+        process.prepare_privileges(_DEFAULT_CAPS)
         st = state.create(self.state_root, container_id)
         try:
             paths = rootfs.StatePaths(str(st.path))
@@ -152,7 +155,7 @@ class Engine:
                 env=dict(spec.env),
                 cwd=spec.cwd,
                 user=spec.user,
-                caps=process.cap_mask(set(process.DEFAULT_CAPS)),
+                caps=_DEFAULT_CAPS,
                 tty=spec.tty,
                 init=spec.init,
                 pass_fds=spec.pass_fds,
@@ -202,9 +205,12 @@ def _prepare_state(
     layout: rootfs.Layout,
 ) -> None:
     os.mkdir(paths.rootfs)
+    if overlays:
+        os.mkdir(os.path.dirname(paths.upper(0)))
+        os.mkdir(os.path.dirname(paths.work(0)))
     for ov in overlays:
-        os.makedirs(ov.upper)
-        os.makedirs(ov.work)
+        os.mkdir(ov.upper)
+        os.mkdir(ov.work)
         _copy_top_attributes(ov)
     for mask in layout.masks:
         for rel in mask.hidden:
@@ -222,18 +228,22 @@ def _prepare_state(
             else:
                 with contextlib.suppress(OSError):  # unreadable (rootless): not shown
                     shutil.copy2(entry.path, where, follow_symlinks=False)
-    etc = Path(paths.etc_file(""))
-    etc.mkdir()
-    (etc / "hostname").write_text(spec.hostname + "\n")
-    (etc / "hosts").write_text(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"127.0.1.1\t{spec.hostname}\n"
-    )
+    os.mkdir(paths.etc_file(""))
     if spec.network == "host":
-        (etc / "resolv.conf").write_text(_read_or("/etc/resolv.conf", ""))
-        (etc / "hosts").write_text(_read_or("/etc/hosts", "127.0.0.1\tlocalhost\n"))
+        hosts = _read_or("/etc/hosts", "127.0.0.1\tlocalhost\n")
+        resolv = _read_or("/etc/resolv.conf", "")
     else:
-        (etc / "resolv.conf").write_text("# network: none\n")
+        hosts = (
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"127.0.1.1\t{spec.hostname}\n"
+        )
+        resolv = "# network: none\n"
+    for name, text in (
+        ("hostname", spec.hostname + "\n"),
+        ("hosts", hosts),
+        ("resolv.conf", resolv),
+    ):
+        _write_new(paths.etc_file(name), text)
 
 
 def _copy_top_attributes(ov: rootfs.Overlay) -> None:
@@ -248,6 +258,14 @@ def _copy_top_attributes(ov: rootfs.Overlay) -> None:
         if os.geteuid() == 0:
             os.chown(ov.upper, st.st_uid, st.st_gid)
         return
+
+
+def _write_new(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _read_or(path: str, default: str) -> str:

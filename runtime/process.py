@@ -197,6 +197,13 @@ def _single_id_map() -> bool:
     return len(ranges) == 1 and ranges[0][2] == "1"
 
 
+def prepare_privileges(caps: int) -> None:
+    """Compute, before forking, what :func:`drop_privileges` reads: a container's child that
+    reads a file or builds ctypes structures pays for it in copy-on-write faults (~0.3 ms)."""
+    _sys.last_cap()
+    _sys.capset_args(caps, caps, 0)
+
+
 def drop_privileges(user: User, caps: int) -> None:
     """No new privileges, a reduced bounding set, then the user's ids.
 

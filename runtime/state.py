@@ -102,14 +102,60 @@ class StateDir:
         if self.lock_fd < 0:
             return
         try:
-            with contextlib.suppress(FileNotFoundError):
-                for name in sorted(os.listdir(self.path)):
-                    if name != "lock":
-                        remove_tree(self.path / name)
-            remove_tree(self.path)
+            if not _remove_simply(self.path):
+                with contextlib.suppress(FileNotFoundError):
+                    for name in sorted(os.listdir(self.path)):
+                        if name != "lock":
+                            remove_tree(self.path / name)
+                remove_tree(self.path)
         finally:
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _remove_simply(path: Path) -> bool:
+    """Remove a state directory, its lock last, in about three syscalls per entry.
+
+    The common case of :meth:`StateDir.release`, once per test under the pytest plugin, where
+    :func:`remove_tree`'s walks and checks cost a millisecond. False when anything resists (a
+    directory the caller cannot read, as overlay's ``work/work`` rootless, or files of other
+    ids), for :func:`remove_tree` to finish the job.
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        for name in os.listdir(fd):
+            if name != "lock":
+                _unlink_tree(fd, name)
+        os.unlink("lock", dir_fd=fd)
+        os.rmdir(path)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unlink_tree(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)  # a directory refuses with EISDIR
+        return
+    except IsADirectoryError:
+        pass
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        for child in os.listdir(fd):
+            _unlink_tree(fd, child)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
 
 
 def new_id() -> str:

@@ -130,3 +130,14 @@ def test_cap_mask_accepts_prefix_and_any_case() -> None:
 def test_an_unknown_capability_is_an_error_naming_it() -> None:
     with pytest.raises(SpecError, match="CAP_FLY"):
         cap_mask({"CAP_FLY"})
+
+
+def test_capset_args_pack_the_low_words_then_the_high_words() -> None:
+    import struct
+
+    from runtime import _sys
+
+    high = 1 << 40  # CAP_CHECKPOINT_RESTORE: in the second 32-bit word
+    header, data = _sys.capset_args(high | 0b101, high | 0b1, 0b100)
+    assert struct.unpack("=Ii", header.raw) == (0x20080522, 0)
+    assert struct.unpack("=6I", data.raw) == (0b101, 0b1, 0b100, 1 << 8, 1 << 8, 0)

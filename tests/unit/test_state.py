@@ -136,6 +136,27 @@ def test_release_copes_with_overlays_unreadable_work_dirs(tmp_path: Path) -> Non
     assert not st.path.exists()
 
 
+def test_release_hands_over_to_the_careful_removal_when_the_quick_one_meets_resistance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As root nothing resists the quick path; rootless, overlay's work/work does (mode 000).
+    st = state.create(tmp_path / "containers")
+    (st.path / "upper" / "0" / "deep").mkdir(parents=True)
+    (st.path / "upper" / "0" / "deep" / "file").write_text("x")
+    (st.path / "etc").mkdir()
+    quick = state._unlink_tree
+
+    def resist(dir_fd: int, name: str) -> None:
+        if name == "deep":
+            raise PermissionError(13, "Permission denied", name)
+        quick(dir_fd, name)
+
+    monkeypatch.setattr(state, "_unlink_tree", resist)
+    st.release()
+    assert not st.path.exists()
+    assert st.lock_fd == -1
+
+
 def test_removal_never_follows_a_symlink_out(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
