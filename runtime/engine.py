@@ -21,6 +21,7 @@ import socket
 import stat
 import tarfile
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ class Engine:
         self.state_root = state_root or state.default_root()
         self._swept = False
         self._pending: list[Container] = []
+        self._userns_fd: int | None = None
+        self._userns_closer: weakref.finalize[Any, Engine] | None = None
 
     def _collect(self, block: bool) -> None:
         """Reap retired containers (see :meth:`Container.retire`); all of them if ``block``."""
@@ -87,6 +90,24 @@ class Engine:
     def close(self) -> None:
         """Wait for every retired container and remove what is left (idempotent)."""
         self._collect(block=True)
+        if self._userns_closer is not None:
+            self._userns_closer()
+            self._userns_fd = self._userns_closer = None
+
+    @functools.cached_property
+    def _idmap(self) -> idmap.IdMapPlan:
+        return idmap.host_plan()
+
+    def _user_namespace(self) -> int:
+        """The user namespace this engine's containers share, made at the first one.
+
+        Its descriptor is closed by :meth:`close`, or when the engine is garbage (a command
+        line that runs one container need not close its engine).
+        """
+        if self._userns_fd is None:
+            self._userns_fd = idmap.open_user_namespace(self._idmap)
+            self._userns_closer = weakref.finalize(self, os.close, self._userns_fd)
+        return self._userns_fd
 
     @functools.cached_property
     def _host_mount_table(self) -> list[rootfs.HostMount]:
@@ -148,7 +169,8 @@ class Engine:
                 ns_flags &= ~_sys.CLONE_NEWNET
             plan = LaunchPlan(
                 ns_flags=ns_flags,
-                idmap=idmap.host_plan() if userns else None,
+                idmap=self._idmap if userns else None,
+                userns_fd=self._user_namespace() if userns else None,
                 mounts=tuple(rootfs.plan_mounts(spec, overlays, paths, rootless=userns)),
                 hostname=spec.hostname,
                 argv=spec.argv,

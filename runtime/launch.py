@@ -77,6 +77,8 @@ class LaunchPlan:
     init: bool = True
     pass_fds: tuple[int, ...] = ()
     close_fds: bool = True
+    userns_fd: int | None = None
+    """A user namespace with ``idmap`` applied, held by the engine: join it, make none."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,8 @@ def start(
     if direct:
         proc.init_pid = pid
     try:
-        proc.wait_ready(plan.idmap, handshake=not direct)
+        joins = plan.userns_fd is not None
+        proc.wait_ready(None if joins else plan.idmap, handshake=not (direct or joins))
     except BaseException:
         proc.kill()
         with contextlib.suppress(ChildProcessError):
@@ -364,12 +367,16 @@ def _intermediate(
     try:
         _set_pdeathsig_or_exit(lambda: os.getppid() == caller)
         _setup_stdio(stdio)
-        if plan.idmap is not None:
+        if plan.userns_fd is not None:
             stage.name = "userns"
-            _sys.unshare(_sys.CLONE_NEWUSER)
-            control.send(sock, {"t": "userns"})
-        if not _expect(sock, "go"):
-            os._exit(SETUP_FAILED)
+            _sys.setns(plan.userns_fd, _sys.CLONE_NEWUSER)
+        else:
+            if plan.idmap is not None:
+                stage.name = "userns"
+                _sys.unshare(_sys.CLONE_NEWUSER)
+                control.send(sock, {"t": "userns"})
+            if not _expect(sock, "go"):
+                os._exit(SETUP_FAILED)
         stage.name = "namespaces"
         _sys.unshare(plan.ns_flags)
         alive_r, alive_w = os.pipe()

@@ -154,7 +154,7 @@ def leak_check(_warm_engine: None) -> Iterator[LeakCheck]:
 
 
 @pytest.fixture
-def engine(tmp_path: Path, leak_check: LeakCheck) -> Engine:
+def engine(tmp_path: Path, leak_check: LeakCheck) -> Iterator[Engine]:
     """An engine with its own state root in ``tmp_path``; skips where containers cannot run."""
     eng = Engine(state_root=tmp_path / "containers")
     try:
@@ -162,7 +162,8 @@ def engine(tmp_path: Path, leak_check: LeakCheck) -> Engine:
     except UnsupportedHostError as e:
         pytest.skip(str(e))
     leak_check.watch(eng.state_root)
-    return eng
+    yield eng
+    eng.close()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime import idmap
 from runtime.engine import Engine
 from runtime.errors import CallableError, ExecError, SetupError
 from runtime.process import DEFAULT_CAPS, cap_mask
@@ -132,6 +133,33 @@ def test_an_unknown_user_fails_setup_at_the_user_stage(engine: Engine) -> None:
 
 
 # --- privileges -------------------------------------------------------------------------------
+
+
+@pytest.mark.rootless
+def test_an_engines_containers_share_one_user_namespace_with_the_hosts_map(
+    engine: Engine,
+) -> None:
+    # The maps are written once per engine (rootless: newuidmap/newgidmap run once, not per
+    # container), as rootless podman does; each container keeps its other namespaces. Both
+    # run at once: the kernel reuses a freed namespace's number.
+    script = (
+        "readlink /proc/self/ns/user /proc/self/ns/mnt /proc/self/ns/net; cat /proc/self/uid_map"
+    )
+    spec = ContainerSpec(HOST, userns=True)  # no argv: an idle PID 1, for exec
+    with engine.create(spec) as a, engine.create(spec) as b:
+        a.start()
+        b.start()
+        first, second = (
+            a.exec_capture(["/bin/sh", "-c", script]),
+            b.exec_capture(["/bin/sh", "-c", script]),
+        )
+    assert first.exit_code == 0 and second.exit_code == 0, first.stderr + second.stderr
+    user1, mnt1, net1, *map1 = first.stdout.splitlines()
+    user2, mnt2, net2, *map2 = second.stdout.splitlines()
+    assert user1 == user2 != os.readlink("/proc/self/ns/user")
+    assert mnt1 != mnt2 and net1 != net2
+    want = [r.split() for r in idmap.map_text(idmap.host_plan().uids).splitlines()]
+    assert [line.split() for line in map1] == want == [line.split() for line in map2]
 
 
 @pytest.mark.rootless
