@@ -342,30 +342,25 @@ def _make_writable(path: Path) -> None:
 def _remove_in_userns(path: Path) -> None:
     """Remove files owned by subordinate ids: as root of a user namespace mapping them."""
     from runtime import idmap
-    from runtime._sys import CLONE_NEWUSER, unshare
+    from runtime._sys import CLONE_NEWUSER, setns
+    from runtime.errors import IdMapError
 
     plan = idmap.host_plan()
     if not plan.multi_id:
         return
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            unshare(CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-            if os.read(go_r, 1) == b"g":
+    try:
+        userns = idmap.open_user_namespace(plan)
+    except (IdMapError, OSError):
+        return  # what is left stays; the caller's own removal reported what it could
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                setns(userns, CLONE_NEWUSER)
                 _make_writable(path)
                 shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(go_r)
-    try:
-        if os.read(ready_r, 1) == b"u":
-            idmap.apply_idmap(pid, plan)
-            os.write(go_w, b"g")
-    finally:
-        os.close(ready_r)
-        os.close(go_w)
+            finally:
+                os._exit(0)
         os.waitpid(pid, 0)
+    finally:
+        os.close(userns)
