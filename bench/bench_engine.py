@@ -54,7 +54,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime import ContainerSpec, Engine, Rootfs, _sys, engine, launch, process, rootfs, state
+from runtime import (
+    ContainerSpec,
+    Engine,
+    Rootfs,
+    _sys,
+    engine,
+    idmap,
+    launch,
+    process,
+    rootfs,
+    state,
+)
 
 BWRAP_ARGV = (
     "--unshare-all",
@@ -389,7 +400,7 @@ def marking(marks: Marks) -> Iterator[None]:
     wrap(engine, "_prepare_state", None, "state prepared")
     wrap(rootfs, "plan_mounts", None, "mounts planned")
     wrap(launch, "_fork_into_new_pid_namespace", "fork into pid ns begin", None)
-    wrap(launch, "apply_idmap", "write id maps begin", "write id maps end")
+    wrap(idmap, "open_user_namespace", "user namespace begin", "user namespace end")
     wrap(launch, "_init", "init begins", None)
     wrap(rootfs, "apply", "mounts begin", "mounts end")
     wrap(_sys, "set_loopback_up", "loopback begin", "loopback end")

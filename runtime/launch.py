@@ -4,19 +4,20 @@ The sequence (each stage sets ``PR_SET_PDEATHSIG`` and checks that its parent is
 so nothing outlives a SIGKILLed caller)::
 
     caller        fork ──────────────┐
-                                     intermediate: [unshare user ns -> "userns"] -> wait "go"
-    caller        [write id maps]    unshare mnt/uts/ipc/net/cgroup/pid
-                  send "go"          fork ──────────────┐
+                                     intermediate: [setns(the engine's user ns)]
+                                     unshare mnt/uts/ipc/net/cgroup/pid
+                                     fork ──────────────┐
                                      send "init" pid    init (PID 1): mounts, pivot_root,
                                      wait, mirror exit  hostname, loopback, user, privileges,
                                                         then: exec | spawn + reap | callable
 
 The intermediate mirrors the init's exit (code, or the same signal), so the caller's
-``waitpid`` says exactly how the container ended. As root without a user namespace there is no
-intermediate: the caller forks the init directly into a new pid namespace (see
-:func:`_fork_into_new_pid_namespace`), which saves a fork of a possibly large caller. Any failure in a stage is sent as
-``{"t": "error", "stage", "errno", "detail"}`` and the stage exits: a container never runs its
-workload half-isolated.
+``waitpid`` says exactly how the container ended. The user namespace is made once per engine,
+its maps written then (:func:`runtime.idmap.open_user_namespace`). As root without a user
+namespace there is no intermediate: the caller forks the init directly into a new pid namespace
+(see :func:`_fork_into_new_pid_namespace`), which saves a fork of a possibly large caller. Any
+failure in a stage is sent as ``{"t": "error", "stage", "errno", "detail"}`` and the stage
+exits: a container never runs its workload half-isolated.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from runtime.errors import (
     IdMapError,
     SetupError,
 )
-from runtime.idmap import IdMapPlan, apply_idmap
+from runtime.idmap import IdMapPlan
 
 FORWARDED_SIGNALS = (
     signal.SIGHUP,
@@ -137,16 +138,8 @@ class ContainerProcess:
         elif t == "error":
             raise _error_from(msg)
 
-    def wait_ready(self, idmap: IdMapPlan | None, handshake: bool = True) -> None:
-        """Drive the handshake until the workload is running; raise the child's setup error."""
-        if idmap is not None:
-            msg = control.recv(self.sock)
-            self._handle(msg)
-            if not (isinstance(msg, dict) and msg.get("t") == "userns"):
-                self._fail_early("the intermediate process died before its user namespace existed")
-            apply_idmap(self.pid, idmap)
-        if handshake:
-            control.send(self.sock, {"t": "go"})
+    def wait_ready(self) -> None:
+        """Wait until the workload is running; raise the child's setup error."""
         while True:
             msg = control.recv(self.sock)
             if msg is None:
@@ -266,8 +259,7 @@ def start(
     if direct:
         proc.init_pid = pid
     try:
-        joins = plan.userns_fd is not None
-        proc.wait_ready(None if joins else plan.idmap, handshake=not (direct or joins))
+        proc.wait_ready()
     except BaseException:
         proc.kill()
         with contextlib.suppress(ChildProcessError):
@@ -370,13 +362,6 @@ def _intermediate(
         if plan.userns_fd is not None:
             stage.name = "userns"
             _sys.setns(plan.userns_fd, _sys.CLONE_NEWUSER)
-        else:
-            if plan.idmap is not None:
-                stage.name = "userns"
-                _sys.unshare(_sys.CLONE_NEWUSER)
-                control.send(sock, {"t": "userns"})
-            if not _expect(sock, "go"):
-                os._exit(SETUP_FAILED)
         stage.name = "namespaces"
         _sys.unshare(plan.ns_flags)
         alive_r, alive_w = os.pipe()
@@ -393,11 +378,6 @@ def _intermediate(
         sock.close()
     finally:
         _mirror_exit(pid)
-
-
-def _expect(sock: socket.socket, what: str) -> bool:
-    msg = control.recv(sock)
-    return isinstance(msg, dict) and msg.get("t") == what
 
 
 def _setup_stdio(stdio: Sequence[int | None]) -> None:
