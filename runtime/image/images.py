@@ -555,41 +555,33 @@ def _unpack_from_userns(
     pack: Callable[[IO[bytes]], None], plan: idmap.IdMapPlan, dest: Path
 ) -> layer.LayerStats:
     """Pack in a child that is root of a user namespace with ``plan``'s map; unpack here."""
-    from runtime._sys import CLONE_NEWUSER, unshare
+    from runtime._sys import CLONE_NEWUSER, setns
 
+    userns = idmap.open_user_namespace(plan)
     data_r, data_w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
     err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            for fd in (data_r, ready_r, go_w, err_r):
-                os.close(fd)
-            unshare(CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-            if os.read(go_r, 1) == b"g":
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                os.close(data_r)
+                os.close(err_r)
+                setns(userns, CLONE_NEWUSER)
                 with os.fdopen(data_w, "wb") as out:
                     pack(out)
                 code = 0
-        except BrokenPipeError:
-            code = 0
-        except BaseException as e:
-            os.write(err_w, f"{type(e).__name__}: {e}".encode()[:4000])
-        finally:
-            os._exit(code)
-    for fd in (data_w, ready_w, go_r, err_w):
-        os.close(fd)
+            except BrokenPipeError:
+                code = 0
+            except BaseException as e:
+                os.write(err_w, f"{type(e).__name__}: {e}".encode()[:4000])
+            finally:
+                os._exit(code)
+    finally:
+        os.close(userns)
+        os.close(data_w)
+        os.close(err_w)
     try:
-        try:
-            if os.read(ready_r, 1) != b"u":
-                raise LayerError("the packing helper died before entering its user namespace")
-            idmap.apply_idmap(pid, plan)
-            os.write(go_w, b"g")
-        finally:
-            os.close(go_w)
-            os.close(ready_r)
         with os.fdopen(data_r, "rb") as reader:
             stats = layer.unpack_layer(reader, dest, rootless=True)
     finally:

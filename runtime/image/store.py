@@ -1051,17 +1051,9 @@ class Store:
 
     def config_bytes(self, ref_or_id: str) -> bytes:
         """The config of an image exactly as stored (its digest is the image id; verified)."""
-        iid = self.resolve(ref_or_id)
-        path = self._image_path(iid)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as e:
-            raise ImageNotFound(f"no image {ref_or_id!r} in the store {self.root}") from e
-        if image_id(data) != iid:
-            raise StoreCorruptError(f"{path}: content has digest {image_id(data)}, not {iid}")
-        return data
+        return self._read_config(self.resolve(ref_or_id), ref_or_id)
 
-    def _load_config(self, iid: str, name: str | None = None) -> ImageConfig:
+    def _read_config(self, iid: str, name: str | None = None) -> bytes:
         path = self._image_path(iid)
         try:
             data = path.read_bytes()
@@ -1069,10 +1061,14 @@ class Store:
             raise ImageNotFound(f"no image {name or iid!r} in the store {self.root}") from e
         if image_id(data) != iid:
             raise StoreCorruptError(f"{path}: content has digest {image_id(data)}, not {iid}")
+        return data
+
+    def _load_config(self, iid: str, name: str | None = None) -> ImageConfig:
+        data = self._read_config(iid, name)
         try:
             return ImageConfig.from_json(data)
         except SpecError as e:
-            raise StoreCorruptError(f"{path}: {e}") from e
+            raise StoreCorruptError(f"{self._image_path(iid)}: {e}") from e
 
     def _all_configs(self) -> dict[str, ImageConfig]:
         configs = {}

@@ -23,6 +23,7 @@ import pytest
 from runtime import _sys
 from runtime.engine import Container, Engine
 from runtime.errors import UnsupportedHostError
+from runtime.image.store import Store
 from runtime.launch import ExitStatus
 from runtime.spec import ContainerSpec, Rootfs
 
@@ -151,6 +152,18 @@ def leak_check(_warm_engine: None) -> Iterator[LeakCheck]:
         _sys.prctl(_sys.PR_SET_CHILD_SUBREAPER, 0)
     if problems:
         pytest.fail("leaked by the test:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """An empty image store of the test's own."""
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def other(tmp_path: Path) -> Store:
+    """A second empty store, for copies between stores."""
+    return Store(tmp_path / "other")
 
 
 @pytest.fixture

@@ -70,11 +70,6 @@ def context(tmp_path: Path, name: str) -> Path:
     return dest
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store")
-
-
 class Events:
     def __init__(self) -> None:
         self.events: list[BuildEvent] = []

@@ -23,7 +23,6 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -36,21 +35,11 @@ from runtime.errors import ImageError, UnsupportedHostError
 from runtime.image.importer import import_rootfs
 from runtime.image.store import Store
 from tests.integration.conftest import LeakCheck
-from tests.integration.test_cli_images import busybox_tree
+from tests.integration.test_cli_images import Cli, Result, busybox_tree
 
 EXTRA_APPLETS = ("rm", "ps", "kill", "ls")
 
 LOOP = "i=0; while true; do i=$((i+1)); echo tick $i; echo $i > /tmp/count; sleep 0.05; done"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Result]
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,6 @@ CMD ["sh"]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store")
-
-
-@pytest.fixture
 def busybox_image(tmp_path: Path, store: Store, engine: Engine) -> str:
     ctx = tmp_path / "ctx"
     ctx.mkdir()

@@ -129,16 +129,6 @@ class Counting(io.RawIOBase):
         return n
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store")
-
-
-@pytest.fixture
-def other(tmp_path: Path) -> Store:
-    return Store(tmp_path / "other")
-
-
 def copy_image(source: Store, dest: Store, ref: str | None = None) -> exchange.ExportedImage:
     """What a push then a pull does: export from one store, import into the other."""
     exported = exchange.export_image(source, ref or "tools:1")

@@ -72,11 +72,6 @@ def run_in_child(target: Callable[[], None], timeout: float = 10) -> int:
     return proc.exitcode
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store")
-
-
 # --- where the store lives (pure) ---
 
 
