@@ -234,6 +234,8 @@ def _prepare_state(
         os.mkdir(ov.upper)
         os.mkdir(ov.work)
         _copy_top_attributes(ov)
+        if ov.host_view is not None:
+            os.mkdir(ov.host_view)
     for mask in layout.masks:
         for rel in mask.hidden:
             where = os.path.join(mask.directory, rel)

@@ -5,10 +5,12 @@ the host's mount table. :func:`apply` runs them through a :class:`~runtime._sys.
 tests can check the exact order and arguments with a recording fake.
 
 The host image ("host") is the host's ``/`` as the read-only lower layer. As root one overlay with
-``lowerdir=/`` does it (plus one per data filesystem mounted below ``/``). Inside a user namespace
-the kernel refuses to use a directory with locked submounts as a lower layer ("failed to clone
-lowerpath"), so the root is *split*: a small skeleton of the top-level entries is the root layer,
-and each top-level directory gets its own overlay.
+``lowerdir=/`` does it (plus one per data filesystem mounted below ``/``). Image layers on top of
+the host, as root, are one overlay too, over a read-only overlay of ``/`` (see
+:attr:`Overlay.host_view`). Inside a user namespace the kernel refuses to use a directory with
+locked submounts as a lower layer ("failed to clone lowerpath"), so the root is *split*: a small
+skeleton of the top-level entries is the root layer, and each top-level directory gets its own
+overlay.
 """
 
 from __future__ import annotations
@@ -127,6 +129,22 @@ class Overlay:
     upper: str
     work: str
     optional: bool = False
+    host_view: str | None = None
+    """Where the last two ``lowers`` (a mask hiding the store, then ``/``) are first mounted as
+    one read-only overlay that stands in for them in this one.
+
+    The kernel refuses ``/`` as a lower layer beside image layers that lie inside it
+    ("overlapping lowerdir"); an overlay *of* ``/`` is another filesystem, which it accepts. So
+    an image on top of the host is, as root, one overlay instead of one per host directory (16
+    on this machine) and a skeleton to make for each container.
+    """
+
+    @property
+    def mount_lowers(self) -> tuple[str, ...]:
+        """The lower directories the mount itself names."""
+        if self.host_view is None:
+            return self.lowers
+        return (*self.lowers[:-2], self.host_view)
 
 
 @dataclass(frozen=True)
@@ -246,6 +264,10 @@ class StatePaths:
     def mask(self, index: int) -> str:
         return f"{self.root}/mask/{index}"
 
+    @property
+    def host_view(self) -> str:
+        return f"{self.root}/host"
+
     def upper(self, index: int) -> str:
         return f"{self.root}/upper/{index}"
 
@@ -302,11 +324,13 @@ def plan_overlays(
 ) -> Layout:
     """The overlay mounts that make the root filesystem, in mount order.
 
-    The plain host image as root is one overlay on ``/``. Otherwise the host's root is *split*:
-    a skeleton of its entries is the root layer and each host directory gets an overlay of its
-    own, because the kernel refuses (1) rootless, a lower directory with locked submounts, and
-    (2) a lower layer lying inside another ("overlapping lowerdir"), which image layers on top
-    of the host would be, the store being somewhere below ``/``. A directory holding the layers
+    The plain host image as root is one overlay on ``/``, and so are image layers on top of the
+    host as root, over a read-only overlay of ``/`` (:attr:`Overlay.host_view`), when the store
+    lies on the root filesystem and the container's state does not. Otherwise the host's root
+    is *split*: a skeleton of its entries is the root layer and each host directory gets an
+    overlay of its own, because the kernel refuses (1) rootless, a lower directory with locked
+    submounts, and (2) a lower layer lying inside another ("overlapping lowerdir"), which image
+    layers on top of the host would be, the store being somewhere below ``/``. A directory holding the layers
     is split again, recursively (``list_dir`` lists it), and the layers' own directory is not
     shown. Layers stay in the same overlay as the host directory below them, so their
     whiteouts and opaque directories hide host files as they must.
@@ -330,8 +354,19 @@ def plan_overlays(
         for target in host_data_mounts:
             add(target, (target,))
         return Layout(overlays, [])
-    add("/", (*lowers, state.skeleton))
     hidden = _hidden(lowers)
+    if not split and _can_stack(hidden, state, host_mount_points):
+        mask = Mask(state.mask(0), tuple(sorted(os.path.relpath(h, "/") for h in hidden)))
+        root = (*lowers, mask.directory, "/")
+        overlays.append(
+            Overlay("/", root, state.upper(0), state.work(0), host_view=state.host_view)
+        )
+        for target in host_data_mounts:
+            stack = _layers_at(lowers, target)
+            if stack is not None:  # else a layer deleted or replaced it: the root shows that
+                add(target, stack)
+        return Layout(overlays, [], [mask])
+    add("/", (*lowers, state.skeleton))
     submounted = set(host_mount_points) | set(host_data_mounts) if split else set()
     skeleton: list[SkeletonEntry] = []
     masks: list[Mask] = []
@@ -373,6 +408,20 @@ def plan_overlays(
         if target not in shown and not any(_under(target, h) for h in hidden):
             add(target, (target,))
     return Layout(overlays, skeleton, masks)
+
+
+def _can_stack(hidden: set[str], state: StatePaths, mount_points: Sequence[str]) -> bool:
+    """Can the root be one overlay over a read-only overlay of ``/`` (:attr:`Overlay.host_view`)?
+
+    Only when the store's layers lie on the root filesystem itself (under another mount, the
+    overlay of that mount would hold them: overlapping again) and the container's state does
+    not (its mask would lie inside ``/``, a lower layer of the same overlay).
+    """
+
+    def mount_of(path: str) -> str:
+        return max((m for m in mount_points if _under(path, m)), key=len, default="/")
+
+    return all(mount_of(h) == "/" for h in hidden) and mount_of(state.root) != "/"
 
 
 def _hidden(lowers: Sequence[str]) -> set[str]:
@@ -450,7 +499,7 @@ def _esc(p: str) -> str:
 
 
 def overlay_options(ov: Overlay, userxattr: bool) -> str:
-    opts = f"lowerdir={':'.join(_esc(p) for p in ov.lowers)},upperdir={_esc(ov.upper)},workdir={_esc(ov.work)}"
+    opts = f"lowerdir={':'.join(_esc(p) for p in ov.mount_lowers)},upperdir={_esc(ov.upper)},workdir={_esc(ov.work)}"
     if userxattr:
         opts += ",userxattr"  # redirect_dir and metacopy are off in a user namespace anyway
     else:
@@ -474,6 +523,9 @@ def plan_mounts(
         target = r if ov.target == "/" else r + ov.target
         if ov.target != "/":
             ops.append(Mkdir(target))
+        if ov.host_view is not None:
+            view = f"lowerdir={_esc(ov.lowers[-2])}:{_esc(ov.lowers[-1])}"
+            ops.append(Mount("overlay", ov.host_view, "overlay", MS_RDONLY, view))
         ops.append(
             Mount("overlay", target, "overlay", 0, overlay_options(ov, rootless), ov.optional)
         )

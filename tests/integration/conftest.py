@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import _sys
+from runtime import _sys, state
 from runtime.engine import Container, Engine
 from runtime.errors import UnsupportedHostError
 from runtime.image.store import Store
@@ -86,6 +86,7 @@ class LeakCheck:
 
     grace: float = GRACE
     state_roots: list[Path] = field(default_factory=list)
+    scratch: list[Path] = field(default_factory=list)
     overlays: int = field(default_factory=_overlay_mounts)
     children: set[int] = field(default_factory=_children)
     fds: dict[int, str] = field(default_factory=_fds)
@@ -93,6 +94,10 @@ class LeakCheck:
     def watch(self, root: Path) -> None:
         """Also require ``root`` (a state root) to be empty at the end."""
         self.state_roots.append(root)
+
+    def remove_afterwards(self, path: Path) -> None:
+        """Remove ``path`` (outside ``tmp_path``) once the check has looked at it."""
+        self.scratch.append(path)
 
     def reap_adopted(self) -> None:
         """Reap children that died after being re-parented here (their parent was killed)."""
@@ -150,6 +155,8 @@ def leak_check(_warm_engine: None) -> Iterator[LeakCheck]:
         problems = check.problems()
     finally:
         _sys.prctl(_sys.PR_SET_CHILD_SUBREAPER, 0)
+        for path in check.scratch:
+            state.remove_tree(path)
     if problems:
         pytest.fail("leaked by the test:\n  " + "\n  ".join(problems), pytrace=False)
 
@@ -168,8 +175,17 @@ def other(tmp_path: Path) -> Store:
 
 @pytest.fixture
 def engine(tmp_path: Path, leak_check: LeakCheck) -> Iterator[Engine]:
-    """An engine with its own state root in ``tmp_path``; skips where containers cannot run."""
-    eng = Engine(state_root=tmp_path / "containers")
+    """An engine with a state root of its own; skips where containers cannot run.
+
+    The state root is on a tmpfs, as :func:`runtime.state.default_root` picks it for real runs
+    (it decides the layout of a root on top of the host, see ``rootfs.plan_overlays``), and in
+    ``tmp_path`` only where ``/dev/shm`` is not a tmpfs.
+    """
+    where = tmp_path
+    if state._is_tmpfs("/dev/shm"):
+        where = Path(tempfile.mkdtemp(prefix="pytest-isolate-test-", dir="/dev/shm"))
+        leak_check.remove_afterwards(where)
+    eng = Engine(state_root=where / "containers")
     try:
         eng.check_host(userns=os.geteuid() != 0)
     except UnsupportedHostError as e:

@@ -197,6 +197,14 @@ def test_host_based_image(tmp_path: Path, store: Store, engine: Engine) -> None:
         "test -e /etc/os-release || echo gone; test -x /usr/bin/env && echo host",
     )
     assert (code, out) == (0, "gone\nhost\n")
+    # As root the root is one overlay over a read-only overlay of "/"; rootless it is split
+    # per top-level directory. Either way the store's layers are not shown.
+    script = (
+        f"test -e {image.rootfs.lowers[0]} && echo shown; awk '$5 == \"/etc\"' /proc/self/mountinfo"
+    )
+    code, out = run_image(engine, store, "on-host", "sh", "-c", script)
+    assert code == 0 and "shown" not in out
+    assert (" overlay " in out) == (os.geteuid() != 0)
 
 
 @needs_busybox

@@ -134,3 +134,24 @@ def test_the_plain_host_image_as_root_stays_one_overlay(tmp_path: Path) -> None:
         ("/home", ("/home",)),
     ]
     assert layout.skeleton == []
+
+
+def test_data_mounts_under_a_view_of_the_host_stack_the_layers_own_directories(
+    layers: tuple[str, str], tmp_path: Path
+) -> None:
+    top, base = layers
+    Path(f"{base}/srv").mkdir()  # the image wrote into a data filesystem's directory
+    Path(f"{top}/opt").write_text("a file now")  # and replaced another one
+    layout = plan_overlays(
+        layers,
+        True,
+        ["/opt", "/srv"],
+        TOP,
+        False,
+        StatePaths("/state"),
+        host_mount_points=["/", "/opt", "/srv", "/state"],
+    )
+    by = {ov.target: ov for ov in layout.overlays}
+    assert by["/"].host_view == "/state/host" and layout.skeleton == []
+    assert by["/srv"].lowers == (f"{base}/srv", "/srv")
+    assert "/opt" not in by  # the root overlay shows the layer's file in its place

@@ -30,6 +30,7 @@ from runtime.rootfs import (
     READONLY_PATHS,
     DeviceNode,
     HostMount,
+    Mask,
     MaskPath,
     Mkdir,
     Mount,
@@ -287,16 +288,65 @@ def test_the_host_image_as_root_is_slash_plus_one_overlay_per_data_mount(
     ]
 
 
-def test_layers_on_the_host_split_the_root_even_as_root(state: StatePaths) -> None:
-    # One overlay with lowerdir=<layers>:/ is refused (the layers lie inside "/"); and the
-    # layers must share an overlay with the host directory they change (whiteouts).
+def test_layers_on_the_host_as_root_are_one_overlay_over_a_view_of_the_host(
+    state: StatePaths,
+) -> None:
+    # lowerdir=<layers>:/ is refused (the layers lie inside "/"); a read-only overlay of "/"
+    # (with a mask hiding the layers) is another filesystem, which the kernel accepts as a lower.
+    layout = plan_overlays(
+        ("/l/top",),
+        True,
+        ["/home"],
+        HOST_TOP,
+        split=False,
+        state=state,
+        host_mount_points=["/", state.root],  # the state on a tmpfs of its own
+    )
+    root, home = layout.overlays
+    assert root == Overlay(
+        "/",
+        ("/l/top", state.mask(0), "/"),
+        state.upper(0),
+        state.work(0),
+        host_view=state.host_view,
+    )
+    assert root.mount_lowers == ("/l/top", state.host_view)
+    assert layout.masks == [Mask(state.mask(0), ("l/top",))]
+    assert home.lowers == ("/home",) and layout.skeleton == []
+
+    ops = plan_mounts(host_spec(), layout.overlays, state, rootless=False)
+    view = index(ops, is_mount("overlay", state.host_view))
+    assert ops[view] == Mount(
+        "overlay", state.host_view, "overlay", MS_RDONLY, f"lowerdir={state.mask(0)}:/"
+    )
+    main = index(ops, is_mount("overlay", state.rootfs))
+    assert view < main
+    assert str(ops[main].data).startswith(f"lowerdir=/l/top:{state.host_view},upperdir=")
+
+
+@pytest.mark.parametrize(
+    ("lowers", "mount_points"),
+    [
+        (("/l/top",), ["/"]),  # the state on "/": its mask would lie inside a lower of the view
+        (("/srv/data/l/top",), ["/", "/srv/data", "state"]),  # the layers on another filesystem
+    ],
+    ids=["state-on-root", "layers-on-a-data-mount"],
+)
+def test_layers_on_the_host_split_the_root_when_no_view_of_the_host_can_hold_them(
+    state: StatePaths, lowers: tuple[str, ...], mount_points: list[str]
+) -> None:
     overlays = plan_overlays(
-        ("/l/top",), True, ["/home", "/srv/data"], HOST_TOP, split=False, state=state
+        lowers,
+        True,
+        ["/home", "/srv/data"],
+        HOST_TOP,
+        split=False,
+        state=state,
+        host_mount_points=[state.root if m == "state" else m for m in mount_points],
     ).overlays
     by_target = {ov.target: ov for ov in overlays}
-    assert overlays[0] == Overlay("/", ("/l/top", state.skeleton), state.upper(0), state.work(0))
+    assert overlays[0] == Overlay("/", (*lowers, state.skeleton), state.upper(0), state.work(0))
     assert by_target["/home"].lowers == ("/home",)
-    assert by_target["/srv/data"].lowers == ("/srv/data",)
     assert "/proc" not in by_target and "/run" not in by_target
 
 
