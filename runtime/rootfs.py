@@ -330,9 +330,9 @@ def plan_overlays(
     is *split*: a skeleton of its entries is the root layer and each host directory gets an
     overlay of its own, because the kernel refuses (1) rootless, a lower directory with locked
     submounts, and (2) a lower layer lying inside another ("overlapping lowerdir"), which image
-    layers on top of the host would be, the store being somewhere below ``/``. A directory holding the layers
-    is split again, recursively (``list_dir`` lists it), and the layers' own directory is not
-    shown. Layers stay in the same overlay as the host directory below them, so their
+    layers on top of the host would be, the store being somewhere below ``/``. A directory
+    holding the layers is split again, recursively (``list_dir`` lists it), and the layers' own
+    directory is not shown. Layers stay in the same overlay as the host directory below them, so their
     whiteouts and opaque directories hide host files as they must.
 
     ``host_top`` lists ``/`` like ``list_dir``; ``host_mount_points`` is every mount point of the
