@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,38 @@ def test_commit_of_a_host_container(store: Store, engine: Engine) -> None:
     with engine.create(ContainerSpec(image.rootfs)) as c:
         c.start()
         assert c.exec_capture(["cat", "/opt/committed/f"]).stdout == "hi\n"
+
+
+@pytest.mark.rootless
+def test_commit_of_a_container_of_an_image_on_the_host(
+    tmp_path: Path, store: Store, engine: Engine
+) -> None:
+    # As root such a container's root is one overlay over a read-only view of the host's "/",
+    # rootless it is split: either way deleting a host file is a whiteout in the next layer.
+    host_file = tmp_path / "on-the-host.txt"
+    host_file.write_text("host\n")
+    with engine.create(ContainerSpec(Rootfs(host=True))) as c:
+        c.start()
+        c.exec_capture(["sh", "-c", "mkdir -p /opt/one && echo 1 > /opt/one/f"])
+        first = commit(c, store, "on-host:1")
+    with engine.create(ContainerSpec(resolve_image(store, first).rootfs)) as c:
+        c.start()
+        script = f"cat {host_file} && rm {host_file} /opt/one/f && echo 2 > /opt/two"
+        assert c.exec_capture(["sh", "-c", script]).stdout == "host\n"
+        second = commit(c, store, "on-host:2")
+    with engine.create(ContainerSpec(resolve_image(store, second).rootfs)) as c:
+        c.start()
+        script = f"test -e {host_file} || echo gone; test -e /opt/one/f || echo gone; cat /opt/two"
+        assert c.exec_capture(["sh", "-c", script]).stdout == "gone\ngone\n2\n"
+    assert host_file.read_text() == "host\n"
+    [_, top] = store.get_image(second).config.diff_ids
+    out = io.BytesIO()
+    layer.pack_layer(store.get_layer(top).path, out, rootless=os.geteuid() != 0)
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        names = set(tar.getnames())
+    whiteout = os.path.relpath(host_file.parent, "/") + "/.wh." + host_file.name
+    assert {"opt/two", "opt/one/.wh.f", whiteout} <= names
 
 
 @needs_busybox
