@@ -12,14 +12,16 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_isolate import options, session
-from runtime import Container, Engine, ExecResult
-from runtime.diff import Change
-from runtime.engine import Helper
+from pytest_isolate import options, stash
+
+if TYPE_CHECKING:
+    from runtime import Container, ExecResult
+    from runtime.diff import Change
+    from runtime.engine import Helper
 
 FIXTURES = ("container", "container_factory")
 
@@ -146,7 +148,9 @@ def start_container(
         with start_container(pytestconfig, hostname="db") as c:
             yield c
     """
-    engine: Engine = config.stash[session.ENGINE_KEY]
+    from pytest_isolate import session  # the engine's side, imported once a test needs it
+
+    engine = stash.engine(config)
     base_dir = base_dir or config.rootpath
     tc = options.merge(where, {}, [pytest.mark.container(**opts).mark])
     image = session.image_for(config, tc, base_dir)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_isolate import options, session
+from pytest_isolate import options, stash
 from pytest_isolate.fixtures import FIXTURES, container, container_factory
 from pytest_isolate.images import RegistrySettings, SessionImages
-from runtime import Engine
 from runtime.errors import IsolateError
 from runtime.spec import HOST
 
@@ -113,8 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
         import os
 
         os.environ["PYTEST_ISOLATE_STORE"] = config.getoption("--isolate-store")
-    config.stash[session.ENGINE_KEY] = Engine()
-    config.stash[session.IMAGES_KEY] = SessionImages(
+    config.stash[stash.IMAGES_KEY] = SessionImages(
         lambda text: _say(config, text), _registry_settings(config)
     )
 
@@ -144,9 +142,7 @@ def _say(config: pytest.Config, text: str) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    engine = config.stash.get(session.ENGINE_KEY, None)
-    if engine is not None:
-        engine.close()
+    stash.close(config)
 
 
 def _isolate_all(config: pytest.Config) -> bool:
@@ -199,9 +195,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             stacklevel=2,
         )
         return
-    engine: Engine = config.stash[session.ENGINE_KEY]
     try:
-        engine.check_host(userns=_needs_userns())
+        stash.engine(config).check_host(userns=_needs_userns())
     except IsolateError as e:
         mode = config.getoption("--isolate-unsupported") or config.getini("isolate_unsupported")
         if mode == "skip":
@@ -210,7 +205,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return
         raise pytest.UsageError(f"pytest-isolate cannot run containers here: {e}") from None
     for item, tc in chosen:
-        item.stash[session.PLAN_KEY] = tc
+        item.stash[stash.PLAN_KEY] = tc
 
 
 def _needs_userns() -> bool:
@@ -221,8 +216,10 @@ def _needs_userns() -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    tc = item.stash.get(session.PLAN_KEY, None)
+    tc = item.stash.get(stash.PLAN_KEY, None)
     if tc is None:
         return None
+    from pytest_isolate import session  # the engine's side, imported once a test needs it
+
     session.run_isolated(item, nextitem, tc)
     return True

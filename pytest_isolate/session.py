@@ -25,12 +25,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from _pytest.runner import CallInfo
 
-from pytest_isolate import child, wire
+from pytest_isolate import child, stash, wire
 from pytest_isolate.images import SessionImages, python_paths, request_for
 from pytest_isolate.options import TestContainer
 from runtime import Container, ContainerSpec, Engine, Rootfs
@@ -38,10 +38,6 @@ from runtime.errors import IsolateError
 from runtime.image.images import RunnableImage
 from runtime.launch import ContainerProcess, ExitStatus
 from runtime.spec import DEFAULT_PATH, HOST
-
-PLAN_KEY = pytest.StashKey["TestContainer"]()
-ENGINE_KEY = pytest.StashKey["Engine"]()
-IMAGES_KEY = pytest.StashKey["SessionImages"]()
 
 
 @dataclass
@@ -91,7 +87,7 @@ def image_for(config: pytest.Config, tc: TestContainer, base_dir: Path) -> Runna
     if tc.image == HOST:
         return None
     request = request_for(tc.image, base_dir, tc.build_args, tc.target)
-    images: SessionImages = config.stash[IMAGES_KEY]
+    images: SessionImages = config.stash[stash.IMAGES_KEY]
     result: RunnableImage = images.resolve(request)
     return result
 
@@ -170,7 +166,7 @@ def _run_in_container(
 ) -> pytest.TestReport | None:
     """Run the item's phases in a container; return its teardown report, not yet logged."""
     config = item.config
-    engine: Engine = config.stash[ENGINE_KEY]
+    engine = stash.engine(config)
     basetemp = _basetemp(config)
     parent_end, child_end = socket.socketpair()
     env: dict[str, str] = {}
@@ -319,6 +315,7 @@ def _report_crash(
     item: pytest.Item, tc: TestContainer, outcome: _Outcome, start: float
 ) -> pytest.TestReport:
     """A child that died (or timed out) becomes a failure of the phase it was in."""
+    when: Literal["setup", "call", "teardown"]
     if "setup" not in outcome.phases:
         when = "setup"
     elif outcome.setup_passed and "call" not in outcome.phases:
