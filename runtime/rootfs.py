@@ -332,8 +332,8 @@ def plan_overlays(
     submounts, and (2) a lower layer lying inside another ("overlapping lowerdir"), which image
     layers on top of the host would be, the store being somewhere below ``/``. A directory
     holding the layers is split again, recursively (``list_dir`` lists it), and the layers' own
-    directory is not shown. Layers stay in the same overlay as the host directory below them, so their
-    whiteouts and opaque directories hide host files as they must.
+    directory is not shown. Layers stay in the same overlay as the host directory below them,
+    so their whiteouts and opaque directories hide host files as they must.
 
     ``host_top`` lists ``/`` like ``list_dir``; ``host_mount_points`` is every mount point of the
     host, data or not.
