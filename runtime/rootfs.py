@@ -15,6 +15,7 @@ overlay.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +33,7 @@ from runtime._sys import (
     MS_REC,
     MS_REMOUNT,
 )
+from runtime.image import safepath
 from runtime.spec import BindMount, ContainerSpec, TmpfsMount
 
 PSEUDO_FS = frozenset(
@@ -106,6 +108,8 @@ MASKED_PATHS = (
     "/sys/devices/virtual/powercap",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+MOUNT_POINT_DIRS = ("/proc", "/dev", "/sys", *FRESH_TMPFS_ON_HOST_IMAGE)
+"""Where every container mounts something of its own: most images (and the host) have them."""
 
 
 @dataclass(frozen=True)
@@ -196,13 +200,20 @@ class RemountReadOnly:
 
     path: str
     bind_first: bool = False
+    flags: int | None = None
+    """The mount's flags to keep, when the plan knows them; else read with ``statvfs``."""
 
 
 @dataclass(frozen=True)
 class MaskPath:
-    """Hide ``path``: /dev/null over a file, an empty read-only tmpfs over a directory."""
+    """Hide ``path``: /dev/null over a file, an empty read-only tmpfs over a directory.
+
+    ``directory`` says which, when the plan knows; else the path is looked at (and skipped when
+    this kernel does not have it).
+    """
 
     path: str
+    directory: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -509,18 +520,119 @@ def overlay_options(ov: Overlay, userxattr: bool) -> str:
     return opts
 
 
+@dataclass(frozen=True)
+class Known:
+    """What the engine looked up before the fork, so that the container's init need not.
+
+    Each lookup there is a system call, an exception and copy-on-write faults in a fork of a
+    large process; here it is a ``stat`` in the caller.
+    """
+
+    present: frozenset[str] = frozenset()
+    """Of :data:`MOUNT_POINT_DIRS`, those the root's layers already have as directories."""
+    masked: tuple[tuple[str, bool], ...] | None = None
+    """The :data:`MASKED_PATHS` this kernel has, each with whether it is a directory."""
+    resolve: Callable[[str], str] | None = None
+    """A container path's place in the root, its links resolved inside it (:class:`RootView`)."""
+
+
+class RootView:
+    """The root a container will see, read from its layers before any of it is mounted.
+
+    Mount targets are resolved inside the root before anything is created or mounted there,
+    as runc does: a symlink in an image (``/etc -> /somewhere/on/the/host``, or a
+    ``resolv.conf`` pointing into ``/run``) must lead to a place inside the root, never to a
+    host path where the engine, still outside the root, would create files. For a path, the
+    overlay with the deepest target above it answers (an overlay's own mount point is a name in
+    the one below), and in it the topmost layer that has the path: a whiteout or a file there
+    hides what lies below. What is below a ``fresh`` mount point (``/proc``, ``/dev``...) is
+    the engine's own and has no links of the image.
+    """
+
+    def __init__(self, overlays: Sequence[Overlay], fresh: Iterable[str]) -> None:
+        self._by_depth = sorted(overlays, key=lambda ov: len(ov.target), reverse=True)
+        self._fresh = tuple(f + "/" for f in fresh)
+        self._seen: dict[str, tuple[str, int] | None] = {}
+        self._resolved: dict[str, str] = {}
+
+    def resolve(self, path: str) -> str:
+        """Container path ``path`` with its links resolved inside the root, relative to it."""
+        if path not in self._resolved:
+            self._resolved[path] = safepath.resolve(path, self.readlink)
+        return self._resolved[path]
+
+    def _entry(self, path: str) -> tuple[str, int] | None:
+        """The host path and mode of the entry that shows at container path ``path``."""
+        if path in self._seen:
+            return self._seen[path]
+        found = None
+        ov = next((o for o in self._by_depth if _under(path, o.target) and path != o.target), None)
+        if ov is not None and not path.startswith(self._fresh):
+            sub = path if ov.target == "/" else path[len(ov.target) :]
+            for low in ov.lowers:
+                try:
+                    found = (low.rstrip("/") + sub, os.lstat(low.rstrip("/") + sub).st_mode)
+                except OSError:
+                    continue
+                break
+        self._seen[path] = found
+        return found
+
+    def readlink(self, rel: str) -> str | None:
+        """For :func:`safepath.resolve`: the target of the link at ``/rel``, else ``None``."""
+        found = self._entry("/" + rel)
+        return os.readlink(found[0]) if found and stat.S_ISLNK(found[1]) else None
+
+    def dirs(self, paths: Iterable[str] = MOUNT_POINT_DIRS) -> frozenset[str]:
+        """Which of ``paths`` are directories already."""
+        return frozenset(p for p in paths if (e := self._entry(p)) and stat.S_ISDIR(e[1]))
+
+
+@functools.cache
+def masked_paths() -> tuple[tuple[str, bool], ...]:
+    """Which :data:`MASKED_PATHS` this kernel has, read once from the host's ``/proc`` and
+    ``/sys``: a container's fresh instances of them show the same kernel."""
+    found = []
+    for path in MASKED_PATHS:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        found.append((path, stat.S_ISDIR(st.st_mode)))
+    return tuple(found)
+
+
 def plan_mounts(
     spec: ContainerSpec,
     overlays: Sequence[Overlay],
     state: StatePaths,
     rootless: bool,
+    known: Known = Known(),
 ) -> list[Op]:
     """Every step from a private mount namespace to a pivoted, locked-down root."""
-    r = state.rootfs
+    root = state.rootfs
     nosuid_nodev_noexec = MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+    def inside(path: str) -> str:
+        """The host path of container path ``path``, its symlinks resolved inside the root."""
+        if known.resolve is None:
+            return root + path
+        rel = known.resolve(path)
+        return f"{root}/{rel}" if rel else root
+
+    def mkdir(path: str) -> list[Op]:
+        return [] if path in known.present else [Mkdir(inside(path))]
+
+    proc, dev, sys_dir = inside("/proc"), inside("/dev"), inside("/sys")
+
+    def on_ours(path: str) -> str:
+        """A path on the engine's own fresh /proc or /sys, which has no links of the image."""
+        top, _, rest = path.partition("/")[2].partition("/")
+        return f"{proc if top == 'proc' else sys_dir}/{rest}"
+
     ops: list[Op] = [Mount(None, "/", None, MS_REC | MS_PRIVATE)]
     for ov in overlays:
-        target = r if ov.target == "/" else r + ov.target
+        target = root if ov.target == "/" else inside(ov.target)
         if ov.target != "/":
             ops.append(Mkdir(target))
         if ov.host_view is not None:
@@ -531,74 +643,79 @@ def plan_mounts(
         )
     if spec.rootfs.host:
         for path in FRESH_TMPFS_ON_HOST_IMAGE:
-            ops.append(Mkdir(r + path))
-            ops.append(Mount("tmpfs", r + path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755"))
+            ops += mkdir(path)
+            ops.append(Mount("tmpfs", inside(path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=755"))
     ops += [
-        Mkdir(r + "/proc"),
-        Mount("proc", r + "/proc", "proc", nosuid_nodev_noexec),
-        Mkdir(r + "/dev"),
-        Mount("tmpfs", r + "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
+        *mkdir("/proc"),
+        Mount("proc", proc, "proc", nosuid_nodev_noexec),
+        *mkdir("/dev"),
+        Mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
     ]
-    for dev, (major, minor) in DEVICES.items():
+    for name, (major, minor) in DEVICES.items():
         if rootless:  # mknod needs CAP_MKNOD in the initial user namespace: bind the host's
             ops += [
-                MountPoint(f"{r}/dev/{dev}", "/dev/null"),
-                Mount(f"/dev/{dev}", f"{r}/dev/{dev}", None, MS_BIND),
+                MountPoint(f"{dev}/{name}", "/dev/null"),
+                Mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND),
             ]
         else:  # as runc does: six mknods instead of six files and six mounts to make and undo
-            ops.append(DeviceNode(f"{r}/dev/{dev}", major, minor))
-    ops += [Symlink(target, f"{r}/dev/{name}") for target, name in DEV_SYMLINKS]
+            ops.append(DeviceNode(f"{dev}/{name}", major, minor))
+    ops += [Symlink(target, f"{dev}/{name}") for target, name in DEV_SYMLINKS]
     ops += [
-        Mkdir(r + "/dev/pts"),
+        Mkdir(dev + "/pts"),
         Mount(
             "devpts",
-            r + "/dev/pts",
+            dev + "/pts",
             "devpts",
             MS_NOSUID | MS_NOEXEC,
             "newinstance,ptmxmode=0666,mode=0620",
         ),
-        Mkdir(r + "/dev/shm"),
-        Mount("shm", r + "/dev/shm", "tmpfs", nosuid_nodev_noexec, "mode=1777,size=65536k"),
-        Mkdir(r + "/dev/mqueue"),
-        Mount("mqueue", r + "/dev/mqueue", "mqueue", nosuid_nodev_noexec),
-        Mkdir(r + "/sys"),
+        Mkdir(dev + "/shm"),
+        Mount("shm", dev + "/shm", "tmpfs", nosuid_nodev_noexec, "mode=1777,size=65536k"),
+        Mkdir(dev + "/mqueue"),
+        Mount("mqueue", dev + "/mqueue", "mqueue", nosuid_nodev_noexec),
+        *mkdir("/sys"),
     ]
     if rootless and spec.network == "host":
         # A fresh sysfs needs a network namespace of our own; share the host's, read-only.
-        ops += [Mount("/sys", r + "/sys", None, MS_BIND | MS_REC), RemountReadOnly(r + "/sys")]
+        ops += [Mount("/sys", sys_dir, None, MS_BIND | MS_REC), RemountReadOnly(sys_dir)]
     else:
-        ops.append(Mount("sysfs", r + "/sys", "sysfs", nosuid_nodev_noexec | MS_RDONLY))
+        ops.append(Mount("sysfs", sys_dir, "sysfs", nosuid_nodev_noexec | MS_RDONLY))
     for name in ("hostname", "hosts", "resolv.conf"):
-        target = f"{r}/etc/{name}"
+        target = inside(f"/etc/{name}")
         ops += [
             MountPoint(target, state.etc_file(name)),
             Mount(state.etc_file(name), target, None, MS_BIND),
         ]
-    ops += _user_mounts(r, spec.binds, spec.tmpfs)
-    ops += [MaskPath(r + p) for p in MASKED_PATHS]
-    for p in READONLY_PATHS:
-        ops.append(RemountReadOnly(r + p, bind_first=True))
-    ops.append(PivotRoot(r))
+    ops += _user_mounts(inside, spec.binds, spec.tmpfs)
+    if known.masked is None:
+        ops += [MaskPath(on_ours(p)) for p in MASKED_PATHS]
+    else:
+        ops += [MaskPath(on_ours(p), directory) for p, directory in known.masked]
+    # The flags of the proc mount above (and the kernel's default relatime).
+    proc_flags = nosuid_nodev_noexec | _sys.MS_RELATIME
+    ops += [RemountReadOnly(on_ours(p), bind_first=True, flags=proc_flags) for p in READONLY_PATHS]
+    ops.append(PivotRoot(root))
     if spec.read_only:
         # Every overlay, not only "/": the split host image has one per top-level directory.
         ops += [RemountReadOnly(ov.target) for ov in overlays]
     return ops
 
 
-def _user_mounts(r: str, binds: Sequence[BindMount], tmpfs: Sequence[TmpfsMount]) -> list[Op]:
+def _user_mounts(
+    inside: Callable[[str], str], binds: Sequence[BindMount], tmpfs: Sequence[TmpfsMount]
+) -> list[Op]:
     ops: list[Op] = []
     # Shorter targets first, so a mount inside another mount's target is not hidden by it.
     for b in sorted(binds, key=lambda b: b.target.count("/")):
-        ops += [
-            MountPoint(r + b.target, b.source),
-            Mount(b.source, r + b.target, None, MS_BIND | MS_REC),
-        ]
+        target = inside(b.target)
+        ops += [MountPoint(target, b.source), Mount(b.source, target, None, MS_BIND | MS_REC)]
         if b.readonly:
-            ops.append(RemountReadOnly(r + b.target))
+            ops.append(RemountReadOnly(target))
     for t in tmpfs:
+        target = inside(t.target)
         ops += [
-            Mkdir(r + t.target),
-            Mount("tmpfs", r + t.target, "tmpfs", MS_NOSUID | MS_NODEV, t.options),
+            Mkdir(target),
+            Mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, t.options),
         ]
     return ops
 
@@ -646,17 +763,22 @@ def _apply_one(op: Op, sys: _sys.Syscalls) -> None:
                 sys.mount(op.path, op.path, None, MS_BIND | MS_REC, None)
             except FileNotFoundError:
                 return
-        flags = _locked_flags(op.path)
+        flags = _locked_flags(op.path) if op.flags is None else op.flags
         sys.mount(None, op.path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags, None)
     elif isinstance(op, MaskPath):
+        directory = op.directory
+        if directory is None:
+            try:
+                directory = stat.S_ISDIR(os.lstat(op.path).st_mode)
+            except FileNotFoundError:
+                return
         try:
-            st = os.lstat(op.path)
+            if directory:
+                sys.mount("tmpfs", op.path, "tmpfs", MS_RDONLY, None)
+            else:
+                sys.mount("/dev/null", op.path, None, MS_BIND, None)
         except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            sys.mount("tmpfs", op.path, "tmpfs", MS_RDONLY, None)
-        else:
-            sys.mount("/dev/null", op.path, None, MS_BIND, None)
+            return  # not in this container's /proc or /sys after all
     elif isinstance(op, PivotRoot):
         sys.chdir(op.new_root)
         sys.pivot_root(".", ".")

@@ -10,10 +10,12 @@ import errno
 import os
 import pickle
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +26,9 @@ from runtime.engine import Engine
 from runtime.errors import CallableError, ExecError, SetupError
 from runtime.process import DEFAULT_CAPS, cap_mask
 from runtime.rootfs import MASKED_PATHS
-from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, TmpfsMount
+from runtime.spec import DEFAULT_PATH, BindMount, ContainerSpec, Rootfs, TmpfsMount
 from tests.integration.conftest import HOST, Run
+from tests.integration.test_build import BUSYBOX, needs_busybox
 
 pytestmark = pytest.mark.needs_overlay
 
@@ -314,6 +317,55 @@ def test_binds_are_read_write_or_read_only(run: Run, tmp_path: Path) -> None:
     assert ran.out.startswith("given\n")
     assert "Read-only file system" in ran.out and ran.out.endswith("2\n")
     assert sorted(os.listdir(tmp_path / "ro")) == ["given"]
+
+
+def _busybox_root(where: Path) -> Path:
+    (where / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, where / "bin" / "busybox")
+    (where / "bin" / "sh").symlink_to("busybox")
+    return where
+
+
+def _out(engine: Engine, root: Path, script: str, **fields: object) -> str:
+    spec = ContainerSpec(
+        Rootfs(lowers=(str(root),)), argv=("/bin/busybox", "sh", "-c", script), **fields
+    )  # type: ignore[arg-type]
+    with tempfile.TemporaryFile() as out, engine.create(spec) as c:
+        c.start(stdio=(None, out.fileno(), out.fileno()))
+        assert c.wait().exit_code == 0
+        out.seek(0)
+        return out.read().decode()
+
+
+@needs_busybox
+@pytest.mark.rootless
+def test_symlinks_in_an_image_never_lead_its_mounts_out_of_its_root(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # A hostile image: /etc and a volume's target are absolute links to host directories. The
+    # engine resolves mount targets inside the root (as runc does), so it creates nothing there.
+    outside, volume = tmp_path / "outside", tmp_path / "volume"
+    outside.mkdir()
+    volume.mkdir()
+    (volume / "given").write_text("given\n")
+    root = _busybox_root(tmp_path / "root")
+    (root / "etc").symlink_to(outside)
+    (root / "data").symlink_to(outside / "data")
+    script = "/bin/busybox cat /etc/hostname /data/given"
+    out = _out(engine, root, script, hostname="box", binds=(BindMount(str(volume), "/data"),))
+    assert out == "box\ngiven\n"
+    assert list(outside.iterdir()) == []
+
+
+@needs_busybox
+@pytest.mark.rootless
+def test_a_resolv_conf_linked_into_run_gets_its_file_there(engine: Engine, tmp_path: Path) -> None:
+    # As on hosts with systemd-resolved: the link's target does not exist in the container.
+    root = _busybox_root(tmp_path / "root")
+    (root / "etc").mkdir()
+    (root / "etc" / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    out = _out(engine, root, "/bin/busybox cat /etc/resolv.conf")
+    assert out == "# network: none\n"
 
 
 @pytest.mark.rootless

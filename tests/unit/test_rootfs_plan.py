@@ -8,6 +8,8 @@ remount of a non-mount point, ``pivot_root`` onto a non-mount point).
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from runtime._sys import (
     MS_PRIVATE,
     MS_RDONLY,
     MS_REC,
+    MS_RELATIME,
     MS_REMOUNT,
 )
 from runtime._sys.fake import Call, FakeSyscalls
@@ -30,6 +33,7 @@ from runtime.rootfs import (
     READONLY_PATHS,
     DeviceNode,
     HostMount,
+    Known,
     Mask,
     MaskPath,
     Mkdir,
@@ -39,10 +43,12 @@ from runtime.rootfs import (
     Overlay,
     PivotRoot,
     RemountReadOnly,
+    RootView,
     StatePaths,
     Symlink,
     apply,
     data_mounts,
+    masked_paths,
     overlay_options,
     parse_mountinfo,
     plan_mounts,
@@ -159,8 +165,73 @@ def test_masked_and_read_only_proc_paths_come_after_proc_and_sys(state: StatePat
     assert [op.path for _, op in masks] == [r + p for p in MASKED_PATHS]
     assert all(i > proc_at and i > sys_at for i, _ in masks)
     ro = [(i, op) for i, op in enumerate(ops) if isinstance(op, RemountReadOnly)]
-    assert [op for _, op in ro] == [RemountReadOnly(r + p, bind_first=True) for p in READONLY_PATHS]
+    proc_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME  # the proc mount's own
+    assert [op for _, op in ro] == [
+        RemountReadOnly(r + p, bind_first=True, flags=proc_flags) for p in READONLY_PATHS
+    ]
     assert all(i > proc_at for i, _ in ro)
+
+
+def test_what_the_engine_knows_spares_the_init_its_lookups(state: StatePaths) -> None:
+    # The mount points the root's layers have need no mkdir, and the masks come with their kind.
+    known = Known(frozenset({"/proc", "/sys"}), (("/proc/acpi", True), ("/proc/kcore", False)))
+    overlays = plan_overlays((), True, [], HOST_TOP, split=False, state=state).overlays
+    ops = plan_mounts(host_spec(), overlays, state, rootless=False, known=known)
+    r = state.rootfs
+    made = {op.path for op in ops if isinstance(op, Mkdir)}
+    assert {r + "/dev", r + "/run"} <= made and not {r + "/proc", r + "/sys"} & made
+    masks = [op for op in ops if isinstance(op, MaskPath)]
+    assert masks == [MaskPath(r + "/proc/acpi", True), MaskPath(r + "/proc/kcore", False)]
+
+
+def test_the_root_view_asks_the_topmost_layer_that_has_the_path(tmp_path: Path) -> None:
+    top, base = tmp_path / "top", tmp_path / "base"
+    for d in ("base/proc", "base/sys", "base/dev", "top"):
+        (tmp_path / d).mkdir(parents=True)
+    (top / "sys").write_text("a file in place of the directory")
+    os.mknod(top / "dev", 0o600 | stat.S_IFIFO)  # anything but a directory hides it
+    view = RootView([Overlay("/", (str(top), str(base)), "u", "w")], fresh=())
+    assert view.dirs() == {"/proc"}
+
+
+def test_mount_targets_are_resolved_inside_the_root(state: StatePaths) -> None:
+    links = {"etc": "/elsewhere", "data": "../srv/data"}
+    overlays = plan_overlays((), True, [], HOST_TOP, split=False, state=state).overlays
+    spec = host_spec(binds=(BindMount("/src", "/data"),))
+    view = RootView(overlays, fresh=())
+    view.readlink = links.get  # type: ignore[method-assign]
+    ops = plan_mounts(spec, overlays, state, False, Known(resolve=view.resolve))
+    r = state.rootfs
+    targets = {op.target for op in ops if isinstance(op, Mount)}
+    assert {r + "/elsewhere/hostname", r + "/srv/data"} <= targets
+    assert not any(t.startswith(r + "/etc/") or t == r + "/data" for t in targets)
+
+
+def test_the_root_view_asks_the_deepest_overlay_and_trusts_fresh_mounts(tmp_path: Path) -> None:
+    image, home = tmp_path / "image", tmp_path / "home"
+    (image / "etc").mkdir(parents=True)
+    (image / "etc" / "hosts").symlink_to("/run/hosts")
+    (image / "home").symlink_to("/nowhere")  # where the overlay on /home would be mounted
+    (image / "dev").mkdir()
+    (image / "dev" / "null").symlink_to("/etc")  # below a fresh /dev: not what the container sees
+    home.mkdir()
+    (home / "me").symlink_to("you")
+    overlays = [
+        Overlay("/", (str(image),), "u0", "w0"),
+        Overlay("/home", (str(home),), "u1", "w1"),
+    ]
+    readlink = RootView(overlays, fresh=("/dev",)).readlink
+    assert readlink("etc/hosts") == "/run/hosts"
+    assert readlink("etc") is None and readlink("home") == "/nowhere"
+    assert readlink("home/me") == "you"
+    assert readlink("dev/null") is None
+
+
+def test_masked_paths_are_read_from_this_kernel() -> None:
+    found = dict(masked_paths())
+    assert set(found) <= set(MASKED_PATHS)
+    for path, directory in found.items():
+        assert os.path.isdir(path) == directory
 
 
 def test_masks_come_after_user_binds_so_a_bind_cannot_unmask(state: StatePaths) -> None:
@@ -537,6 +608,24 @@ def test_apply_masks_a_file_with_dev_null_and_a_directory_with_tmpfs(tmp_path: P
         Call("mount", ("/dev/null", r + "/proc/kcore", None, MS_BIND, None)),
         Call("mount", ("tmpfs", r + "/firmware", "tmpfs", MS_RDONLY, None)),
     ]
+
+
+def test_apply_masks_a_known_kind_without_looking(tmp_path: Path) -> None:
+    fake = FakeSyscalls()
+    r = str(tmp_path)  # neither path exists: only the plan's word decides
+    apply([MaskPath(r + "/proc/acpi", True), MaskPath(r + "/proc/kcore", False)], fake)
+    assert fake.calls == [
+        Call("mount", ("tmpfs", r + "/proc/acpi", "tmpfs", MS_RDONLY, None)),
+        Call("mount", ("/dev/null", r + "/proc/kcore", None, MS_BIND, None)),
+    ]
+
+
+def test_apply_read_only_remount_keeps_the_flags_the_plan_gives(tmp_path: Path) -> None:
+    fake = FakeSyscalls()
+    p = str(tmp_path)
+    apply([RemountReadOnly(p, bind_first=True, flags=MS_NOSUID | MS_NODEV)], fake)
+    remount = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    assert fake.calls[1:] == [Call("mount", (None, p, None, remount, None))]
 
 
 def test_apply_read_only_remount_binds_first_and_skips_a_missing_path(tmp_path: Path) -> None:
