@@ -102,6 +102,21 @@ def run(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
+def installed_env(tmp: Path, store: Path) -> dict[str, str]:
+    """The sessions' environment: the bench's store, and bytecode as an installed package has.
+
+    This machine sets ``PYTHONDONTWRITEBYTECODE``, and the project is an editable install:
+    without bytecode every session would compile the modules it imports, a cost of the
+    session (not of a test) that differs by column now that the plugin imports the engine
+    only when a test needs one. Bytecode goes to a private ``PYTHONPYCACHEPREFIX``, written by
+    untimed warm-up sessions.
+    """
+    env = {**os.environ, "PYTEST_ISOLATE_STORE": str(store)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    return env
+
+
 @contextlib.contextmanager
 def private_store() -> Iterator[Path]:
     """A store of the bench's own where a user's store lives (``~/.cache``), removed after.
@@ -191,7 +206,7 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench-plugin-") as name, private_store() as store:
         tmp = Path(name)
-        env = {**os.environ, "PYTEST_ISOLATE_STORE": str(store)}
+        env = installed_env(tmp, store)
         suite = tmp / "suite" / "test_many.py"
         suite.parent.mkdir()
         suite.write_text(SUITE.format(n=args.tests))
@@ -199,6 +214,11 @@ def main() -> None:
         if IMAGE_COLUMN not in args.skip:
             dockerfile = build_image(args.python, tmp, env)
         chosen = {k: v for k, v in columns(dockerfile).items() if k not in args.skip}
+        warm = tmp / "warm" / "test_warm.py"
+        warm.parent.mkdir()
+        warm.write_text(SUITE.format(n=1))
+        for extra in chosen.values():  # untimed: writes the bytecode every column imports
+            run(session_argv(args.python, warm, extra), env)
         if args.breakdown:
             breakdown(args, chosen, tmp, env)
         else:
