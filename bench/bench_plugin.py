@@ -7,7 +7,8 @@ Runs a suite of N trivial tests as: plain pytest, ``--forked`` (pytest-forked), 
 (host image), ``--isolate`` in a built image (a Dockerfile ``FROM host`` plus one ``RUN``, given
 with ``--isolate-image``) and ``-n 2 --isolate``; the columns are interleaved round by round, so
 machine noise hits them alike. Reports the median wall time of each column (and every run) and
-the per-test overhead over plain pytest. ``--python`` is the interpreter of a venv that has
+the per-test overhead over plain pytest, both spread over the tests and as the slope between a
+session of N tests and one of a single test (see :func:`timed_columns`). ``--python`` is the interpreter of a venv that has
 pytest, pytest-forked, pytest-xdist and this project installed (pytest-forked 1.7.5 breaks on
 pytest >= 9.2, so the bench venv pins pytest 9.0; see bench/README.md).
 
@@ -158,28 +159,47 @@ def build_image(python: str, tmp: Path, env: dict[str, str]) -> Path:
 def timed_columns(
     args: argparse.Namespace, chosen: dict[str, list[str]], tmp: Path, env: dict[str, str]
 ) -> None:
+    """Each column's session of N tests, and of one test right after it.
+
+    Two measures of the per-test overhead: the N-test session's time over plain's, divided by
+    N (what earlier sessions reported; it spreads each column's once-per-session cost, such as
+    importing the engine, over the tests), and the *slope*, (N-test session - one-test
+    session) / (N - 1) over plain's slope, which leaves every once-per-session cost out.
+    """
     suite = tmp / "suite" / "test_many.py"
+    one = tmp / "warm" / "test_warm.py"
     times: dict[str, list[float]] = {k: [] for k in chosen}
+    slopes: dict[str, list[float]] = {k: [] for k in chosen}
     for _ in range(args.rounds):
         for col, extra in chosen.items():
-            times[col].append(run(session_argv(args.python, suite, extra), env))
+            full = run(session_argv(args.python, suite, extra), env)
+            single = run(session_argv(args.python, one, extra), env)
+            times[col].append(full)
+            slopes[col].append((full - single) / (args.tests - 1))
     plain = statistics.median(times["plain"]) if "plain" in times else 0.0
+    plain_slope = statistics.median(slopes["plain"]) if "plain" in slopes else 0.0
     print(f"{args.tests} trivial tests, {args.rounds} rounds, medians (every run in s):")
     for col, ts in times.items():
         med = statistics.median(ts)
         per_test = (med - plain) / args.tests * 1000
+        slope = (statistics.median(slopes[col]) - plain_slope) * 1000
         runs = " ".join(f"{t:.2f}" for t in ts)
         print(
             f"  {col:22s} {med:7.2f} s   overhead per test over plain: {per_test:6.2f} ms"
-            f"   [{runs}]"
+            f"   slope over plain's: {slope:6.2f} ms   [{runs}]"
         )
     if "plain" in times:
         # Load from other work comes and goes in bursts longer than one session; within one
         # round the columns ran back to back, so a round's differences are the fairer ones.
-        print("overhead per test over plain, round by round (ms):")
+        print("overhead per test over plain, round by round (ms; slope in brackets):")
         for col, ts in times.items():
-            rounds = [(t - p) / args.tests * 1000 for t, p in zip(ts, times["plain"], strict=True)]
-            print(f"  {col:22s} " + " ".join(f"{r:7.2f}" for r in rounds))
+            rounds = [
+                f"{(t - p) / args.tests * 1000:7.2f} [{(sl - psl) * 1000:5.2f}]"
+                for t, p, sl, psl in zip(
+                    ts, times["plain"], slopes[col], slopes["plain"], strict=True
+                )
+            ]
+            print(f"  {col:22s} " + " ".join(rounds))
 
 
 def main() -> None:
