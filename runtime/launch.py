@@ -431,8 +431,11 @@ def _init(
             )
         env = process.container_env(plan.env, user, plan.hostname, plan.tty)
         stage.name = "workdir"
-        os.makedirs(plan.cwd, exist_ok=True)
-        os.chdir(plan.cwd)
+        try:
+            os.chdir(plan.cwd)
+        except FileNotFoundError:  # docker creates a missing working directory
+            os.makedirs(plan.cwd)
+            os.chdir(plan.cwd)
         master = slave_path = None
         if plan.tty:
             stage.name = "tty"
@@ -487,11 +490,14 @@ def _pipe_open(fd: int) -> bool:
 
 
 def _close_fds_except(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    """Close every other fd: a ``close_range`` per gap between the kept ones (CPython's
+    ``closerange`` uses it), instead of listing ``/proc/self/fd`` and closing one by one."""
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:  # never an empty range: closerange(0, 0) asks close_range(0, ~0)
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(low + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def _find_executable(argv0: str, path: str) -> str:
