@@ -570,8 +570,9 @@ class RootView:
         if ov is not None and not path.startswith(self._fresh):
             sub = path if ov.target == "/" else path[len(ov.target) :]
             for low in ov.lowers:
+                entry = low.rstrip("/") + sub
                 try:
-                    found = (low.rstrip("/") + sub, os.lstat(low.rstrip("/") + sub).st_mode)
+                    found = (entry, os.lstat(entry).st_mode)
                 except OSError:
                     continue
                 break
