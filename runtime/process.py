@@ -64,7 +64,7 @@ CAPS = {
     )
 }
 
-DEFAULT_CAPS = frozenset(
+DOCKER_DEFAULT_CAPS = frozenset(
     [
         "CHOWN",
         "DAC_OVERRIDE",
@@ -83,6 +83,16 @@ DEFAULT_CAPS = frozenset(
     ]
 )
 """Docker's default set: enough for package managers and servers, no SYS_ADMIN."""
+
+DEFAULT_CAPS = DOCKER_DEFAULT_CAPS - {"MKNOD"}
+"""A container's set: docker's without ``MKNOD``.
+
+Docker pairs ``MKNOD`` with a device cgroup that lets a container open only its own few
+devices. There is no such cgroup here (yet), so a root container could make a node for any
+device of the host on its ``/dev`` and open it (seen: ``/dev/fuse``; on a usual host, the
+disk's block device). Without ``MKNOD`` it cannot make one, and the layers are mounted
+``nodev``, so a node shipped in an image opens nothing either. FIFOs need no capability.
+"""
 
 
 def cap_mask(names: frozenset[str] | set[str]) -> int:

@@ -638,10 +638,11 @@ def plan_mounts(
             ops.append(Mkdir(target))
         if ov.host_view is not None:
             view = f"lowerdir={_esc(ov.lowers[-2])}:{_esc(ov.lowers[-1])}"
-            ops.append(Mount("overlay", ov.host_view, "overlay", MS_RDONLY, view))
-        ops.append(
-            Mount("overlay", target, "overlay", 0, overlay_options(ov, rootless), ov.optional)
-        )
+            ops.append(Mount("overlay", ov.host_view, "overlay", MS_RDONLY | MS_NODEV, view))
+        # nodev: a device node in an image (or the host's root) opens nothing; see
+        # process.DEFAULT_CAPS for why the container's /dev holds only the engine's own.
+        options = overlay_options(ov, rootless)
+        ops.append(Mount("overlay", target, "overlay", MS_NODEV, options, ov.optional))
     if spec.rootfs.host:
         for path in FRESH_TMPFS_ON_HOST_IMAGE:
             ops += mkdir(path)

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -172,12 +173,12 @@ def test_no_new_privs_is_set(run: Run) -> None:
 
 
 @pytest.mark.rootless
-def test_capabilities_are_dockers_default_set(run: Run) -> None:
+def test_capabilities_are_dockers_default_set_without_mknod(run: Run) -> None:
     ran = run("cat", "/proc/self/status")
-    docker_default = cap_mask(DEFAULT_CAPS)
-    assert docker_default == 0xA80425FB
-    assert int(_status_field(ran.out, "CapBnd"), 16) == docker_default
-    assert int(_status_field(ran.out, "CapEff"), 16) == docker_default
+    default = cap_mask(DEFAULT_CAPS)
+    assert default == 0xA00425FB  # docker's 0xA80425FB without MKNOD (bit 27)
+    assert int(_status_field(ran.out, "CapBnd"), 16) == default
+    assert int(_status_field(ran.out, "CapEff"), 16) == default
     assert int(_status_field(ran.out, "CapInh"), 16) == 0
     assert int(_status_field(ran.out, "CapAmb"), 16) == 0
 
@@ -355,6 +356,22 @@ def test_symlinks_in_an_image_never_lead_its_mounts_out_of_its_root(
     out = _out(engine, root, script, hostname="box", binds=(BindMount(str(volume), "/data"),))
     assert out == "box\ngiven\n"
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.rootless
+def test_a_container_makes_fifos_but_no_device_nodes(run: Run) -> None:
+    # No device cgroup limits what a node could open (see process.DEFAULT_CAPS).
+    ran = run("sh", "-c", "mkfifo /tmp/f && echo fifo; mknod /dev/f c 10 229 || echo refused")
+    assert ran.out.startswith("fifo\n") and ran.out.endswith("refused\n")
+    assert "Operation not permitted" in ran.out
+
+
+@needs_busybox
+def test_a_device_node_in_an_image_opens_nothing(engine: Engine, tmp_path: Path) -> None:
+    root = _busybox_root(tmp_path / "root")
+    os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # as /dev/null
+    out = _out(engine, root, "/bin/busybox cat /null 2>&1; echo $?")
+    assert "Permission denied" in out and out.endswith("1\n")  # the layers are mounted nodev
 
 
 @needs_busybox

@@ -172,6 +172,14 @@ def test_masked_and_read_only_proc_paths_come_after_proc_and_sys(state: StatePat
     assert all(i > proc_at for i, _ in ro)
 
 
+def test_every_layer_is_mounted_nodev(state: StatePaths) -> None:
+    # A device node in an image opens nothing (process.DEFAULT_CAPS says why).
+    for rootless in (False, True):
+        ops = plan(host_spec(), state, rootless=rootless, data=("/home",))
+        overlays = [op for op in ops if isinstance(op, Mount) and op.fstype == "overlay"]
+        assert len(overlays) >= 2 and all(op.flags & MS_NODEV for op in overlays)
+
+
 def test_what_the_engine_knows_spares_the_init_its_lookups(state: StatePaths) -> None:
     # The mount points the root's layers have need no mkdir, and the masks come with their kind.
     known = Known(frozenset({"/proc", "/sys"}), (("/proc/acpi", True), ("/proc/kcore", False)))
@@ -388,7 +396,7 @@ def test_layers_on_the_host_as_root_are_one_overlay_over_a_view_of_the_host(
     ops = plan_mounts(host_spec(), layout.overlays, state, rootless=False)
     view = index(ops, is_mount("overlay", state.host_view))
     assert ops[view] == Mount(
-        "overlay", state.host_view, "overlay", MS_RDONLY, f"lowerdir={state.mask(0)}:/"
+        "overlay", state.host_view, "overlay", MS_RDONLY | MS_NODEV, f"lowerdir={state.mask(0)}:/"
     )
     main = index(ops, is_mount("overlay", state.rootfs))
     assert view < main
