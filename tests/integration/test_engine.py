@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -327,10 +328,11 @@ def _busybox_root(where: Path) -> Path:
     return where
 
 
-def _out(engine: Engine, root: Path, script: str, **fields: object) -> str:
+def _out(engine: Engine, root: Path, script: str, **fields: Any) -> str:
+    """What ``script`` prints in a container of the root filesystem directory ``root``."""
     spec = ContainerSpec(
         Rootfs(lowers=(str(root),)), argv=("/bin/busybox", "sh", "-c", script), **fields
-    )  # type: ignore[arg-type]
+    )
     with tempfile.TemporaryFile() as out, engine.create(spec) as c:
         c.start(stdio=(None, out.fileno(), out.fileno()))
         assert c.wait().exit_code == 0
