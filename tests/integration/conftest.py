@@ -143,6 +143,27 @@ def _warm_engine(tmp_path_factory: pytest.TempPathFactory) -> None:
     engine = Engine(state_root=tmp_path_factory.mktemp("warm") / "containers")
     with contextlib.suppress(Exception):
         engine.run(ContainerSpec(HOST, argv=("true",)))
+    _sweep_scratch()
+
+
+SCRATCH = "pytest-isolate-test-"
+"""Prefix of the engines' state roots on /dev/shm, followed by the owning process's pid."""
+
+
+def _sweep_scratch() -> None:
+    """Remove the state roots that a killed test process left on /dev/shm (its pid is gone)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/dev/shm"):
+            if not entry.name.startswith(SCRATCH):
+                continue
+            pid = int(entry.name[len(SCRATCH) :].split("-")[0] or 0)
+            if pid and entry.stat(follow_symlinks=False).st_uid == os.geteuid():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    state.remove_tree(Path(entry.path))
+                except PermissionError:
+                    pass  # alive, another user's
 
 
 @pytest.fixture
@@ -183,7 +204,7 @@ def engine(tmp_path: Path, leak_check: LeakCheck) -> Iterator[Engine]:
     """
     where = tmp_path
     if state._is_tmpfs("/dev/shm"):
-        where = Path(tempfile.mkdtemp(prefix="pytest-isolate-test-", dir="/dev/shm"))
+        where = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-", dir="/dev/shm"))
         leak_check.remove_afterwards(where)
     eng = Engine(state_root=where / "containers")
     try:
