@@ -102,7 +102,7 @@ def run_isolated(item: pytest.Item, nextitem: pytest.Item | None, tc: TestContai
         if prepared.excinfo is not None:
             _log(item, ihook.pytest_runtest_makereport(item=item, call=prepared))
         else:
-            held = _run_in_container(item, tc, prepared.duration)
+            held = _run_in_container(item, nextitem, tc, prepared.duration)
         _reset_request(item)
         if item.session.shouldfail or item.session.shouldstop:
             nextitem = None
@@ -162,7 +162,7 @@ def _log(item: pytest.Item, report: pytest.TestReport) -> None:
 
 
 def _run_in_container(
-    item: pytest.Item, tc: TestContainer, prepare_time: float
+    item: pytest.Item, nextitem: pytest.Item | None, tc: TestContainer, prepare_time: float
 ) -> pytest.TestReport | None:
     """Run the item's phases in a container; return its teardown report, not yet logged."""
     config = item.config
@@ -182,7 +182,7 @@ def _run_in_container(
     containers: list[Container] = []
     try:
         started = CallInfo.from_call(
-            lambda: _start(item, engine, tc, target, containers, env), when="setup"
+            lambda: _start(item, nextitem, engine, tc, target, containers, env), when="setup"
         )
         child_end.close()
         if started.excinfo is not None:
@@ -212,8 +212,19 @@ def _run_in_container(
     return outcome.teardown
 
 
+def _same_container(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+    """Will ``nextitem`` run in a container like ``item``'s? (Same options, same directory
+    for a relative image path: so, the same spec.)"""
+    return (
+        nextitem is not None
+        and nextitem.stash.get(stash.PLAN_KEY, None) == item.stash.get(stash.PLAN_KEY, None)
+        and nextitem.path.parent == item.path.parent
+    )
+
+
 def _start(
     item: pytest.Item,
+    nextitem: pytest.Item | None,
     engine: Engine,
     tc: TestContainer,
     target: Callable[[], None],
@@ -233,8 +244,12 @@ def _start(
     # A callable keeps this process's environment; the image's and the marker's go on top.
     env.update(image.env if image is not None and image.image_id is not None else {})
     env.update(tc.env)
-    container = engine.create(spec)
+    container = engine.create(spec, prepared=True)
     containers.append(container)
+    if _same_container(item, nextitem):
+        # The next test's namespaces and mounts are set up by the engine's helper while this
+        # test runs (runtime.prepare); asked before the fork, so that the helper starts now.
+        engine.prepare(spec)
     with warnings.catch_warnings():
         # Under xdist the process has an I/O thread; forking is safe here (the child never
         # touches execnet), so Python 3.12's warning about it is noise.

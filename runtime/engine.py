@@ -12,6 +12,7 @@ with engine.create(spec) as c:          # a container that waits for exec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import select
@@ -39,6 +40,7 @@ from runtime.errors import (
 )
 from runtime.image import layer
 from runtime.launch import ContainerProcess, ExitStatus, LaunchPlan
+from runtime.prepare import PrepareError, Preparer
 from runtime.spec import ContainerSpec
 
 _NS_FLAGS = (
@@ -75,6 +77,8 @@ class Engine:
         self._known_roots: dict[tuple[object, ...], rootfs.Known] = {}
         self._userns_fd: int | None = None
         self._userns_closer: weakref.finalize[Any, Engine] | None = None
+        self._preparer: Preparer | None = None
+        self._ahead: tuple[Container, tuple[rootfs.Op, ...]] | None = None
 
     def _collect(self, block: bool) -> None:
         """Reap retired containers (see :meth:`Container.retire`); all of them if ``block``."""
@@ -90,7 +94,9 @@ class Engine:
 
     def close(self) -> None:
         """Wait for every retired container and remove what is left (idempotent)."""
+        self._drop_ahead()
         self._collect(block=True)
+        self._close_preparer()
         if self._userns_closer is not None:
             self._userns_closer()
             self._userns_fd = self._userns_closer = None
@@ -156,11 +162,79 @@ class Engine:
         if not p:
             raise UnsupportedHostError("overlayfs", p.reason, p.fix)
 
-    def create(self, spec: ContainerSpec, container_id: str | None = None) -> Container:
+    def prepare(self, spec: ContainerSpec) -> None:
+        """Set the namespaces of a container for ``spec`` up in the background.
+
+        The next ``create(spec, prepared=True)`` with an equal spec gets them (see
+        :mod:`runtime.prepare`): its PID 1 then joins them instead of making them. One is
+        prepared at a time; preparing for another spec drops the last one. For a caller that
+        knows what comes next: the pytest plugin prepares the next test's container while
+        one runs. Root only (the module says why); elsewhere this does nothing.
+        """
+        if self._ahead is not None:
+            if self._ahead[0].spec == spec:
+                return
+            self._drop_ahead()
+        if spec.userns or os.geteuid() != 0:
+            return
+        container = self.create(spec)
+        plan = container._plan
+        split = rootfs.split_for_prepare(plan.mounts, rootfs.StatePaths(str(container.state_dir)))
+        if split is None:
+            container.remove()
+            return
+        try:
+            if self._preparer is None:
+                self._preparer = Preparer()
+            self._preparer.submit(plan.ns_flags & ~_sys.CLONE_NEWPID, split[0], plan.hostname)
+        except OSError:  # no helper (it could not start, or died): containers as usual
+            container.remove()
+            self._close_preparer()
+            return
+        self._ahead = (container, tuple(split[1]))
+
+    def _close_preparer(self) -> None:
+        if self._preparer is not None:
+            self._preparer.close()
+            self._preparer = None
+
+    def _take_ahead(self, spec: ContainerSpec) -> Container | None:
+        if self._ahead is None or self._ahead[0].spec != spec:
+            self._drop_ahead()
+            return None
+        (container, inside), self._ahead = self._ahead, None
+        assert self._preparer is not None
+        try:
+            joined = self._preparer.receive()
+        except PrepareError:
+            container.remove()  # set up the usual way instead, which reports what is wrong
+            return None
+        container._plan = dataclasses.replace(container._plan, mounts=inside, joined=joined)
+        return container
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is None:
+            return
+        (container, _), self._ahead = self._ahead, None
+        assert self._preparer is not None
+        with contextlib.suppress(PrepareError):
+            for fd in self._preparer.receive():
+                os.close(fd)  # the last reference: the namespaces and their mounts go
+        container.remove()
+
+    def create(
+        self, spec: ContainerSpec, container_id: str | None = None, prepared: bool = False
+    ) -> Container:
         """Prepare a container (state directory, plans); :meth:`Container.start` runs it.
 
-        ``container_id`` names the state directory (default: a fresh random id).
+        ``container_id`` names the state directory (default: a fresh random id). With
+        ``prepared``, the container :meth:`prepare` set up for an equal spec is used if there
+        is one.
         """
+        if prepared and container_id is None:
+            ahead = self._take_ahead(spec)
+            if ahead is not None:
+                return ahead
         userns = spec.userns if spec.userns is not None else os.geteuid() != 0
         self.check_host(userns)
         if not self._swept:
@@ -414,8 +488,20 @@ class Container:
         plan = self._plan
         if target is not None:
             plan = LaunchPlan(**{**plan.__dict__, "argv": None, "close_fds": False})
-        self.process = launch.start(plan, stdio, target)
+        if self._engine is not None and self._engine._preparer is not None:
+            plan = dataclasses.replace(plan, private_fds=(self._engine._preparer.fileno(),))
+        try:
+            self.process = launch.start(plan, stdio, target)
+        finally:
+            self._close_joined()
         return self.process
+
+    def _close_joined(self) -> None:
+        """Drop the descriptors of prepared namespaces: the container's PID 1 holds them now
+        (or nothing does, and they are freed)."""
+        for fd in self._plan.joined:
+            os.close(fd)
+        self._plan = dataclasses.replace(self._plan, joined=())
 
     def _running(self) -> ContainerProcess:
         if self.process is None or self.process.returncode is not None:
@@ -440,6 +526,7 @@ class Container:
                 with contextlib.suppress(ChildProcessError):
                     self.process.wait()
             self.process.close()
+        self._close_joined()
         self._state.release()
 
     def retire(self) -> None:

@@ -80,6 +80,14 @@ class LaunchPlan:
     close_fds: bool = True
     userns_fd: int | None = None
     """A user namespace with ``idmap`` applied, held by the engine: join it, make none."""
+    private_fds: tuple[int, ...] = ()
+    """The engine's own descriptors (its helper's socket): closed first thing in the child,
+    even when it keeps the caller's others (a callable). A root helper must never be within
+    a container's reach."""
+    joined: tuple[int, ...] = ()
+    """Namespaces set up ahead of time (:mod:`runtime.prepare`): join these instead of making
+    new ones (all but the pid namespace); ``mounts`` then holds only what must happen inside
+    the new pid namespace (its ``/proc``), and hostname and loopback are already done."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,8 @@ def start(
     if pid == 0:  # pragma: no cover - runs in the child
         parent_sock.close()
         os.close(alive_w)
+        for fd in plan.private_fds:
+            os.close(fd)
         if direct:
             _direct_init(plan, child_sock, stdio, target, alive_r)
         os.close(alive_r)
@@ -315,7 +325,12 @@ def _direct_init(
         os.close(alive_r)
         _setup_stdio(stdio)
         stage.name = "namespaces"
-        _sys.unshare(plan.ns_flags & ~_sys.CLONE_NEWPID)
+        if plan.joined:
+            for fd in plan.joined:
+                _sys.setns(fd, 0)
+                os.close(fd)
+        else:
+            _sys.unshare(plan.ns_flags & ~_sys.CLONE_NEWPID)
     except BaseException as e:
         stage.fail(e)
     _init(plan, sock, target, parent_alive=lambda: True)
@@ -418,8 +433,9 @@ def _init(
         stage.name = "mounts"
         rootfs.apply(plan.mounts, _sys.RealSyscalls())
         stage.name = "hostname"
-        socket.sethostname(plan.hostname)
-        if plan.ns_flags & _sys.CLONE_NEWNET:
+        if not plan.joined:
+            socket.sethostname(plan.hostname)
+        if plan.ns_flags & _sys.CLONE_NEWNET and not plan.joined:
             stage.name = "network"
             _sys.set_loopback_up()
         stage.name = "user"

@@ -15,6 +15,7 @@ overlay.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import stat
@@ -701,6 +702,36 @@ def plan_mounts(
         # Every overlay, not only "/": the split host image has one per top-level directory.
         ops += [RemountReadOnly(ov.target) for ov in overlays]
     return ops
+
+
+def split_for_prepare(ops: Sequence[Op], state: StatePaths) -> tuple[list[Op], list[Op]] | None:
+    """Split a plan for a container set up ahead (:mod:`runtime.prepare`): what another
+    process can do first, and what the container's PID 1 must still do after joining.
+
+    A proc mount shows the pid namespace of the process that mounts it, so ``/proc`` and the
+    masks and read-only remounts on it are left to the PID 1, after ``pivot_root``: their
+    targets become paths in the container's root. ``None`` when the plan does not split
+    cleanly (a user's mount on ``/proc``): then the container is set up the usual way.
+    """
+    root = state.rootfs
+    proc = next((op.target for op in ops if isinstance(op, Mount) and op.fstype == "proc"), None)
+    if proc is None or not proc.startswith(root + "/"):
+        return None
+    ahead: list[Op] = []
+    inside: list[Op] = []
+    for op in ops:
+        path = op.target if isinstance(op, Mount) else getattr(op, "path", "")
+        if path != proc and not path.startswith(proc + "/"):
+            ahead.append(op)
+        elif isinstance(op, Mount) and op.fstype == "proc":
+            inside.append(dataclasses.replace(op, target=path[len(root) :]))
+        elif isinstance(op, (MaskPath, RemountReadOnly)):
+            inside.append(dataclasses.replace(op, path=path[len(root) :]))
+        elif isinstance(op, Mkdir):
+            ahead.append(op)
+        else:
+            return None
+    return ahead, inside
 
 
 def _user_mounts(

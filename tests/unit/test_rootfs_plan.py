@@ -53,6 +53,7 @@ from runtime.rootfs import (
     parse_mountinfo,
     plan_mounts,
     plan_overlays,
+    split_for_prepare,
 )
 from runtime.spec import BindMount, ContainerSpec, Rootfs, TmpfsMount
 
@@ -700,3 +701,47 @@ def test_the_fake_resolves_paths_below_the_new_root_after_pivot(tmp_path: Path) 
     apply([Mkdir(root), Mount("tmpfs", root, "tmpfs"), PivotRoot(root), Mkdir("/inside")], fake)
     assert root + "/inside" in fake.dirs
     assert "/inside" not in fake.dirs
+
+
+# --- split_for_prepare: what a helper does ahead, what the PID 1 does inside -----------------
+
+
+def test_a_prepared_plan_leaves_proc_to_the_pid_1_in_container_paths(state: StatePaths) -> None:
+    ops = plan(host_spec(), state)
+    split = split_for_prepare(ops, state)
+    assert split is not None
+    ahead, inside = split
+    assert inside[0] == Mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    assert all(
+        (op.target if isinstance(op, Mount) else op.path).startswith("/proc")  # type: ignore[union-attr]
+        for op in inside
+    )
+    assert {type(op) for op in inside[1:]} == {MaskPath, RemountReadOnly}
+    # Everything else stays, in order; pivot_root is the helper's, /sys masks too.
+    assert [op for op in ops if op in ahead] == ahead
+    assert len(ahead) + len(inside) == len(ops)
+    assert isinstance(ahead[-1], PivotRoot)
+    assert any(isinstance(op, MaskPath) and op.path.endswith("/sys/firmware") for op in ahead)
+    assert not any(isinstance(op, Mount) and op.fstype == "proc" for op in ahead)
+
+
+def test_a_prepared_plan_moves_every_proc_step_and_nothing_else(state: StatePaths) -> None:
+    ops = plan(host_spec(read_only=True), state)
+    split = split_for_prepare(ops, state)
+    assert split is not None
+    proc = state.rootfs + "/proc"
+
+    def where(op: Op) -> str:
+        return op.target if isinstance(op, Mount) else getattr(op, "path", "")
+
+    moved = [op for op in ops if where(op).startswith(proc) and not isinstance(op, Mkdir)]
+    assert [(type(op), where(op)[len(state.rootfs) :]) for op in moved] == [
+        (type(op), where(op)) for op in split[1]
+    ]
+    # The read-only remount of the root, after pivot_root, stays with the helper.
+    assert isinstance(split[0][-1], RemountReadOnly) and split[0][-1].path == "/"
+
+
+def test_a_users_mount_on_proc_is_not_prepared(state: StatePaths, tmp_path: Path) -> None:
+    spec = host_spec(binds=(BindMount(str(tmp_path), "/proc/mine"),))
+    assert split_for_prepare(plan(spec, state), state) is None

@@ -1,0 +1,125 @@
+"""Containers whose namespaces a helper process set up ahead of time (runtime.prepare).
+
+Real namespaces and mounts: the callable inside must see exactly what a container set up the
+usual way shows, and nothing may be left when the engine is done (the ``engine`` fixture's
+leak check: processes, overlay mounts, descriptors, state directories).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime import launch
+from runtime.engine import Engine
+from runtime.errors import SetupError
+from runtime.rootfs import masked_paths
+from runtime.spec import BindMount, ContainerSpec, Rootfs
+
+SPEC = ContainerSpec(Rootfs(host=True), hostname="ahead")
+MASKED_FILE = next(path for path, directory in masked_paths() if not directory)
+
+
+def _inside() -> dict[str, Any]:
+    with open(MASKED_FILE, "rb") as f:  # /dev/null bound over it
+        masked = f.read(16)
+    try:
+        with open("/proc/sys/kernel/hostname", "w") as f:
+            f.write("x")
+        proc_sys = "writable"
+    except OSError as e:
+        proc_sys = e.strerror or "?"
+    return {
+        "pid": os.getpid(),
+        "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+        "hostname": socket.gethostname(),
+        "interfaces": sorted(name for _, name in socket.if_nameindex()),
+        "masked": masked,
+        "proc_sys": proc_sys,
+        "mountinfo": open("/proc/self/mountinfo").read(),
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+    }
+
+
+def _call(engine: Engine, spec: ContainerSpec) -> dict[str, Any]:
+    c = engine.create(spec, prepared=True)
+    try:
+        proc = c.start(target=_inside)
+        result: dict[str, Any] = launch.callable_result(proc)
+    finally:
+        c.remove()
+    return result
+
+
+def _helper_pids() -> set[int]:
+    return {
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and b"runtime.prepare" in Path(f"/proc/{p}/cmdline").read_bytes()
+    }
+
+
+@pytest.mark.rootless
+def test_a_prepared_container_is_what_a_usual_one_is(engine: Engine) -> None:
+    usual = _call(engine, SPEC)
+    engine.prepare(SPEC)
+    ahead = _call(engine, SPEC)
+    for key in ("pid", "pids", "hostname", "interfaces", "masked", "proc_sys"):
+        assert ahead[key] == usual[key], key
+    assert ahead["pid"] == 1 and ahead["pids"] == [1]
+    assert ahead["hostname"] == "ahead" and ahead["interfaces"] == ["lo"]
+    assert ahead["masked"] == b"" and ahead["proc_sys"] == "Read-only file system"
+    # The same mounts, in the same order (/proc comes last now, where the PID 1 made it).
+    fields = [
+        sorted(line.split()[4] for line in r["mountinfo"].splitlines()) for r in (usual, ahead)
+    ]
+    assert fields[0] == fields[1]
+    # The namespace descriptors were closed once joined: the workload does not hold them.
+    assert len(ahead["fds"]) == len(usual["fds"])
+
+
+def test_as_root_the_helper_sets_the_next_container_up(engine: Engine) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("root only: a user's containers are always set up by their own PID 1")
+    before = _helper_pids()
+    engine.prepare(SPEC)
+    assert engine._ahead is not None
+    container = engine._ahead[0]
+    assert len(_helper_pids() - before) == 1
+    taken = engine.create(SPEC, prepared=True)
+    assert taken is container and taken._plan.joined
+    # What is left for its PID 1: /proc, its masks and read-only parts, in the container.
+    assert {
+        getattr(op, "target", getattr(op, "path", "")).split("/")[1] for op in taken._plan.mounts
+    } == {"proc"}
+    taken.remove()
+    engine.close()
+    assert _helper_pids() == before  # the helper ends with the engine
+
+
+@pytest.mark.rootless
+def test_another_spec_drops_the_prepared_container(engine: Engine) -> None:
+    engine.prepare(SPEC)
+    other = ContainerSpec(Rootfs(host=True), hostname="other")
+    assert _call(engine, other)["hostname"] == "other"
+    assert engine._ahead is None  # dropped: its namespaces and state are gone (leak check)
+
+
+@pytest.mark.rootless
+def test_a_prepared_container_that_was_never_used_leaves_nothing(engine: Engine) -> None:
+    engine.prepare(SPEC)
+    engine.close()
+
+
+@pytest.mark.rootless
+def test_a_setup_that_fails_ahead_fails_the_usual_way(engine: Engine, tmp_path: Path) -> None:
+    spec = ContainerSpec(
+        Rootfs(host=True), binds=(BindMount(str(tmp_path / "missing"), "/mnt/data"),)
+    )
+    engine.prepare(spec)
+    with pytest.raises(SetupError, match="missing"):
+        _call(engine, spec)
