@@ -15,7 +15,9 @@ The intermediate mirrors the init's exit (code, or the same signal), so the call
 ``waitpid`` says exactly how the container ended. The user namespace is made once per engine,
 its maps written then (:func:`runtime.idmap.open_user_namespace`). As root without a user
 namespace there is no intermediate: the caller forks the init directly into a new pid namespace
-(see :func:`_fork_into_new_pid_namespace`), which saves a fork of a possibly large caller. Any
+(see :func:`_fork_into_new_pid_namespace`), which saves a fork of a possibly large caller; its
+namespaces other than pid may have been made ahead (:mod:`runtime.prepare`), and the init then
+joins them (``LaunchPlan.joined``) and mounts only ``/proc``. Any
 failure in a stage is sent as ``{"t": "error", "stage", "errno", "detail"}`` and the stage
 exits: a container never runs its workload half-isolated.
 """
