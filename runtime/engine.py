@@ -499,9 +499,10 @@ class Container:
     def _close_joined(self) -> None:
         """Drop the descriptors of prepared namespaces: the container's PID 1 holds them now
         (or nothing does, and they are freed)."""
-        for fd in self._plan.joined:
-            os.close(fd)
-        self._plan = dataclasses.replace(self._plan, joined=())
+        if self._plan.joined:
+            for fd in self._plan.joined:
+                os.close(fd)
+            self._plan = dataclasses.replace(self._plan, joined=())
 
     def _running(self) -> ContainerProcess:
         if self.process is None or self.process.returncode is not None:
