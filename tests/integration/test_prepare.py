@@ -47,20 +47,18 @@ def _inside() -> dict[str, Any]:
 
 def _call(engine: Engine, spec: ContainerSpec) -> dict[str, Any]:
     c = engine.create(spec, prepared=True)
+    joined = bool(c._plan.joined)  # until the start hands the descriptors to the PID 1
     try:
         proc = c.start(target=_inside)
         result: dict[str, Any] = launch.callable_result(proc)
     finally:
         c.remove()
-    return result
+    return result | {"joined": joined}
 
 
-def _helper_pids() -> set[int]:
-    return {
-        int(p)
-        for p in os.listdir("/proc")
-        if p.isdigit() and b"runtime.prepare" in Path(f"/proc/{p}/cmdline").read_bytes()
-    }
+def _parent(pid: int) -> int:
+    """``pid``'s parent (not its command line: that is empty for a moment after the exec)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 @pytest.mark.rootless
@@ -68,6 +66,7 @@ def test_a_prepared_container_is_what_a_usual_one_is(engine: Engine) -> None:
     usual = _call(engine, SPEC)
     engine.prepare(SPEC)
     ahead = _call(engine, SPEC)
+    assert ahead["joined"] == (os.geteuid() == 0) and not usual["joined"]  # root only
     for key in ("pid", "pids", "hostname", "interfaces", "masked", "proc_sys"):
         assert ahead[key] == usual[key], key
     assert ahead["pid"] == 1 and ahead["pids"] == [1]
@@ -88,8 +87,8 @@ def test_as_root_the_helper_sets_the_next_container_up(engine: Engine) -> None:
     engine.prepare(SPEC)
     assert engine._ahead is not None and engine._preparer is not None
     container = engine._ahead[0]
-    helper = engine._preparer._proc.pid  # its own, not another xdist worker's
-    assert helper in _helper_pids()
+    helper = engine._preparer._proc  # its own, not another xdist worker's
+    assert helper.poll() is None and _parent(helper.pid) == os.getpid()
     taken = engine.create(SPEC, prepared=True)
     assert taken is container and taken._plan.joined
     # What is left for its PID 1: /proc, its masks and read-only parts, in the container.
@@ -98,7 +97,7 @@ def test_as_root_the_helper_sets_the_next_container_up(engine: Engine) -> None:
     } == {"proc"}
     taken.remove()
     engine.close()
-    assert helper not in _helper_pids()  # the helper ends with the engine
+    assert helper.returncode == 0  # the helper ended with the engine, on its own, and was reaped
 
 
 @pytest.mark.rootless
