@@ -269,34 +269,46 @@ def read_perf(path: Path) -> dict[str, float]:
     return counters
 
 
+def _median(values: list[int] | None) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def analyse(marks: list[list[Any]]) -> dict[str, Any]:
     """Per-test medians from the probe's marks (tests before ``WARMUP_TESTS`` left out)."""
-    tests: dict[int, list[tuple[str, int, int]]] = {}
-    for label, test, kind, value in marks:
+    tests: dict[int, list[tuple[str, int, int, int]]] = {}
+    for label, test, kind, value, minflt in marks:
         if test >= WARMUP_TESTS:
-            tests.setdefault(test, []).append((label, kind, value))
+            tests.setdefault(test, []).append((label, kind, value, minflt))
     totals: list[float] = []
     deltas: dict[str, list[float]] = {}
     positions: dict[str, list[int]] = {}
     after: dict[str, list[float]] = {}
     faults: dict[str, list[int]] = {}
+    segment_faults: dict[str, list[int]] = {}
     for entries in tests.values():
-        points: list[tuple[int, str]] = []
+        points: list[tuple[int, str, int]] = []
         seen: dict[str, int] = {}
-        for label, kind, value in entries:
+        for label, kind, value, minflt in entries:
             if kind in (FAULTS, COUNT):
                 faults.setdefault(label, []).append(value)
                 continue
             seen[label] = seen.get(label, 0) + 1
-            points.append((value, label if seen[label] == 1 else f"{label} #{seen[label]}"))
+            name = label if seen[label] == 1 else f"{label} #{seen[label]}"
+            points.append((value, name, minflt))
         points.sort()
-        times = {label: ns for ns, label in points}
+        last_minflt: dict[str, int] = {}  # per process: "pytest" or "child"
+        for _, label, minflt in points:
+            who = label.partition(":")[0]
+            if who in last_minflt:
+                segment_faults.setdefault(label, []).append(minflt - last_minflt[who])
+            last_minflt[who] = minflt
+        times = {label: ns for ns, label, _ in points}
         begin, end = times.get("pytest: test begin"), times.get("pytest: test end")
         if begin is None or end is None:
             continue
         totals.append((end - begin) / 1e6)
         previous = begin
-        for i, (ns, label) in enumerate(points):
+        for i, (ns, label, _) in enumerate(points):
             if ns > end:
                 after.setdefault(label, []).append((ns - end) / 1e6)
                 continue
@@ -308,7 +320,10 @@ def analyse(marks: list[list[Any]]) -> dict[str, Any]:
     return {
         "tests": len(totals),
         "protocol_ms": statistics.median(totals) if totals else float("nan"),
-        "timeline": [(k, statistics.median(deltas[k]), len(deltas[k])) for k in order],
+        "timeline": [
+            (k, statistics.median(deltas[k]), len(deltas[k]), _median(segment_faults.get(k)))
+            for k in order
+        ],
         "after_end": [(k, statistics.median(v), len(v)) for k, v in after.items()],
         "faults": {k: statistics.median(v) for k, v in faults.items()},
     }
@@ -388,9 +403,12 @@ def print_breakdown(n: int, results: dict[str, dict[str, Any]]) -> None:
     )
     for c in cols:
         res = results[c]
-        print(f"\n{c}: timeline of one test (median ms to each mark from the previous one)")
-        for label, ms, seen in res["timeline"]:
-            print(f"  {ms:8.3f}  {label}  [{seen}]")
+        print(
+            f"\n{c}: timeline of one test (median ms to each mark from the previous one, and"
+            " the minor faults its process took meanwhile)"
+        )
+        for label, ms, seen, minflt in res["timeline"]:
+            print(f"  {ms:8.3f}  {minflt:6.0f}  {label}  [{seen}]")
         for label, ms, seen in res["after_end"]:
             print(f"  +{ms:7.3f}  {label} (after the test's end)  [{seen}]")
         if "pytest: overlays" in res["faults"]:
@@ -417,7 +435,8 @@ SHUTDOWN_ENV = "BENCH_PLUGIN_SHUTDOWN_AFTER_DONE"
 """A what-if (``--shutdown-after-done``): the child ends its report stream right after
 ``done``, so the pytest process need not wait for the end of stream that the child's exit
 gives (which comes only after the kernel has torn the container's namespaces down)."""
-_MARK = struct.Struct("<40siBq")  # label, test index, kind, value; 53 bytes < PIPE_BUF: atomic
+_MARK = struct.Struct("<40siBqq")
+"""Label, test index, kind, value, the writer's minor faults so far; 61 bytes < PIPE_BUF: atomic."""
 POINT, FAULTS, COUNT = 0, 1, 2
 WARMUP_TESTS = 3
 """Tests left out of the per-test statistics (first image resolution, first container)."""
@@ -431,12 +450,15 @@ class _Probe:
         self.pid = os.getpid()
         self.test = -1
         self.buf = b""
-        self.marks: list[tuple[str, int, int, int]] = []
+        self.marks: list[tuple[str, int, int, int, int]] = []
         self.saved: list[tuple[object, str, object]] = []
 
     def _write(self, label: str, kind: int, value: int) -> None:
         who = "pytest" if os.getpid() == self.pid else "child"
-        os.write(self.w, _MARK.pack(f"{who}: {label}".encode()[:40], self.test, kind, value))
+        minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        os.write(
+            self.w, _MARK.pack(f"{who}: {label}".encode()[:40], self.test, kind, value, minflt)
+        )
 
     def point(self, label: str) -> None:
         self._write(label, POINT, time.monotonic_ns())
@@ -453,8 +475,8 @@ class _Probe:
                 self.buf += chunk
         n = len(self.buf) // _MARK.size * _MARK.size
         data, self.buf = self.buf[:n], self.buf[n:]
-        for raw, test, kind, value in _MARK.iter_unpack(data):
-            self.marks.append((raw.rstrip(b"\0").decode(), test, kind, value))
+        for raw, test, kind, value, minflt in _MARK.iter_unpack(data):
+            self.marks.append((raw.rstrip(b"\0").decode(), test, kind, value, minflt))
 
     def patch(self, owner: object, name: str, replacement: object) -> None:
         self.saved.append((owner, name, getattr(owner, name)))
