@@ -205,7 +205,7 @@ class Engine:
         (container, inside), self._ahead = self._ahead, None
         assert self._preparer is not None
         try:
-            joined = self._preparer.receive()
+            joined, container._net = self._preparer.receive()
         except PrepareError:
             container.remove()  # set up the usual way instead, which reports what is wrong
             return None
@@ -218,9 +218,16 @@ class Engine:
         (container, _), self._ahead = self._ahead, None
         assert self._preparer is not None
         with contextlib.suppress(PrepareError):
-            for fd in self._preparer.receive():
+            fds, container._net = self._preparer.receive()
+            for fd in fds:
                 os.close(fd)  # the last reference: the namespaces and their mounts go
         container.remove()
+
+    def _recycle_net(self, net: int) -> None:
+        """Give a network namespace back to the helper: no process is left in it."""
+        if self._preparer is not None:
+            with contextlib.suppress(OSError):
+                self._preparer.recycle(net)
 
     def create(
         self, spec: ContainerSpec, container_id: str | None = None, prepared: bool = False
@@ -462,6 +469,8 @@ class Container:
         self.overlays = tuple(overlays)
         self.process: ContainerProcess | None = None
         self._engine: Engine | None = None
+        self._net: int | None = None
+        """The helper's number for a prepared network namespace, given back at removal."""
 
     def __enter__(self) -> Container:
         return self
@@ -528,6 +537,10 @@ class Container:
                     self.process.wait()
             self.process.close()
         self._close_joined()
+        if self._net is not None and self._engine is not None:
+            # Its PID 1 is reaped: every process of its pid namespace is gone.
+            self._engine._recycle_net(self._net)
+            self._net = None
         self._state.release()
 
     def retire(self) -> None:

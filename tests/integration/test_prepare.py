@@ -17,6 +17,7 @@ import pytest
 from runtime import launch
 from runtime.engine import Engine
 from runtime.errors import SetupError
+from runtime.prepare import NAMESPACES
 from runtime.rootfs import masked_paths
 from runtime.spec import BindMount, ContainerSpec, Rootfs
 
@@ -122,3 +123,55 @@ def test_a_setup_that_fails_ahead_fails_the_usual_way(engine: Engine, tmp_path: 
     engine.prepare(spec)
     with pytest.raises(SetupError, match="missing"):
         _call(engine, spec)
+
+
+def _network() -> dict[str, int]:
+    """What a test sees of its network namespace when it starts."""
+    with open("/proc/net/dev") as f:
+        lo = next(line for line in f if line.strip().startswith("lo:"))
+    with open("/proc/net/sockstat") as f:
+        tcp = next(line for line in f if line.startswith("TCP:")).split()
+    return {"lo_packets": int(lo.split(":")[1].split()[1]), "tw": int(tcp[tcp.index("tw") + 1])}
+
+
+def _network_then_traffic() -> dict[str, int]:
+    """Then a TCP connection over loopback, which leaves a socket in TIME_WAIT behind."""
+    seen = _network()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        server.accept()[0].close()
+        client.close()  # the side that closes first keeps the connection in TIME_WAIT
+    return seen
+
+
+@pytest.mark.parametrize("traffic", [False, True], ids=["untouched", "used"])
+def test_as_root_a_network_namespace_is_reused_only_when_nothing_happened_in_it(
+    engine: Engine, traffic: bool
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("root only: a user's containers are always set up by their own PID 1")
+    held: list[int] = []
+    seen: list[dict[str, int]] = []
+    engine.prepare(SPEC)
+    try:
+        for _ in range(3):  # the helper lends two namespaces; the third test gets one back
+            c = engine.create(SPEC, prepared=True)
+            engine.prepare(SPEC)  # the next one, while this one runs (as the plugin does)
+            assert c._plan.joined, "root prepares ahead"
+            # Its network namespace, held here: alive, its inode number cannot be reused.
+            net = [name for name, flag in NAMESPACES if c._plan.ns_flags & flag].index("net")
+            held.append(os.dup(c._plan.joined[net]))
+            try:
+                proc = c.start(target=_network_then_traffic if traffic else _network)
+                seen.append(launch.callable_result(proc))
+            finally:
+                c.remove()
+        engine.close()  # the one prepared last is given back too
+        # Every test starts in a namespace that looks new ...
+        assert seen == [{"lo_packets": 0, "tw": 0}] * 3
+        # ... and gets the first test's one back only if nothing happened in it.
+        first, third = (os.fstat(held[i]).st_ino for i in (0, 2))
+        assert (first == third) is not traffic
+    finally:
+        for fd in held:
+            os.close(fd)
