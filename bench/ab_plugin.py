@@ -1,0 +1,120 @@
+"""Paired A/B of pytest sessions: variants interleaved round by round, one number each.
+
+    python bench/ab_plugin.py --python PY [--rounds 5] [--tests 300] VARIANT [VARIANT ...]
+
+A VARIANT is ``name`` or ``name:KEY=VALUE,KEY=VALUE`` (environment for that variant's
+sessions) and, after ``|``, pytest arguments (default ``--isolate``): ``old:PYTHONPATH=/tmp/old``
+runs another tree of this project (a ``git worktree`` of an older commit; ``PYTHONPATH`` comes
+before the editable install), ``forked:|--forked`` runs pytest-forked. Each session runs N
+trivial tests with this file loaded as a plugin (``-p ab_plugin``), which times each test from
+``pytest_runtest_logstart`` to ``pytest_runtest_logfinish`` (not a hook wrapper: the plugin must
+not change what it measures). Per variant it prints the median over rounds of each session's
+median test, and the machine's busy CPU per test (``/proc/stat``, all CPUs: the helper, the
+containers and kernel workers included). Interleaving matters here: this machine's speed moves
+by 20% within minutes, so only variants measured side by side are compared.
+
+Use the venv of ``bench_plugin.py`` (see README.md); bytecode is written to a private prefix as
+there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUITE = """\
+import pytest
+
+
+@pytest.mark.parametrize("i", range({n}))
+def test_trivial(i):
+    assert i >= 0
+"""
+WARMUP_TESTS = 3
+_RESULT = re.compile(r"ab_plugin: median=([\d.]+)")
+
+
+def _busy_ticks() -> int:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def _variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    head, _, args = text.partition("|")
+    name, _, assignments = head.partition(":")
+    env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+    return name, env, args.split() if args else ["--isolate"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--python", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tests", type=int, default=300)
+    ap.add_argument("variants", nargs="+")
+    args = ap.parse_args()
+    variants = [_variant(v) for v in args.variants]
+    hz = os.sysconf("SC_CLK_TCK")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        suite = Path(tmp) / "test_ab.py"
+        suite.write_text(SUITE.format(n=args.tests))
+        base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        base["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
+        here = str(Path(__file__).resolve().parent)
+        for r in range(args.rounds):
+            for name, env, pytest_args in variants:
+                path = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), here]))
+                argv = [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+                argv += ["-p", "ab_plugin", *pytest_args, str(suite)]
+                busy = _busy_ticks()
+                out = subprocess.run(
+                    argv,
+                    env={**base, **env, "PYTHONPATH": path},
+                    cwd=tmp,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout
+                cpu = (_busy_ticks() - busy) / hz / args.tests * 1e3
+                found = _RESULT.search(out)
+                if found is None:
+                    sys.exit(f"{name}: no result\n{out[-3000:]}")
+                results[name].append((float(found.group(1)), cpu))
+                print(f"round {r} {name:12s} {float(found.group(1)):7.2f} ms  cpu {cpu:6.2f} ms")
+    print(f"\nmedians over {args.rounds} rounds, per test (ms):")
+    for name, runs in results.items():
+        ms = statistics.median(m for m, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"  {name:12s} {ms:7.2f}  busy CPU {cpu:6.2f}")
+
+
+# --- the plugin side: loaded into each measured session with `-p ab_plugin` ----------------
+
+_times: list[float] = []
+_start = [0.0]
+
+
+def pytest_runtest_logstart(nodeid: str, location: object) -> None:
+    _start[0] = time.perf_counter()
+
+
+def pytest_runtest_logfinish(nodeid: str, location: object) -> None:
+    _times.append((time.perf_counter() - _start[0]) * 1e3)
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    if len(_times) > WARMUP_TESTS:
+        median = statistics.median(_times[WARMUP_TESTS:])
+        terminalreporter.write_line(f"ab_plugin: median={median:.3f}")  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
