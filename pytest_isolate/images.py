@@ -93,6 +93,23 @@ class SessionImages:
         self._report = report
         self._registry = registry or RegistrySettings()
         self._done: dict[ImageRequest, Any] = {}
+        self._requests: dict[tuple[object, ...], ImageRequest | ImageError] = {}
+
+    def request(
+        self, image: str, base_dir: Path, build_args: Mapping[str, str], target: str | None
+    ) -> ImageRequest:
+        """:func:`request_for`, decided once per session for each way of asking: every test
+        of an image asks again, and resolving a path costs a system call per component."""
+        key = (image, base_dir, tuple(sorted(build_args.items())), target)
+        if key not in self._requests:
+            try:
+                self._requests[key] = request_for(image, base_dir, build_args, target)
+            except ImageError as e:
+                self._requests[key] = e
+        found = self._requests[key]
+        if isinstance(found, ImageError):
+            raise found
+        return found
 
     def resolve(self, request: ImageRequest) -> Any:
         """The runnable image (``runtime.image.images.RunnableImage``); raises the build error."""

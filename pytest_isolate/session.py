@@ -31,7 +31,7 @@ import pytest
 from _pytest.runner import CallInfo
 
 from pytest_isolate import child, stash, wire
-from pytest_isolate.images import SessionImages, python_paths, request_for
+from pytest_isolate.images import SessionImages, python_paths
 from pytest_isolate.options import TestContainer
 from runtime import Container, ContainerSpec, Engine, Rootfs
 from runtime.errors import IsolateError
@@ -86,8 +86,8 @@ def image_for(config: pytest.Config, tc: TestContainer, base_dir: Path) -> Runna
     """The test's image: ``None`` for the host, else built or resolved once per session."""
     if tc.image == HOST:
         return None
-    request = request_for(tc.image, base_dir, tc.build_args, tc.target)
     images: SessionImages = config.stash[stash.IMAGES_KEY]
+    request = images.request(tc.image, base_dir, tc.build_args, tc.target)
     result: RunnableImage = images.resolve(request)
     return result
 
