@@ -11,7 +11,9 @@ trivial tests with this file loaded as a plugin (``-p ab_plugin``), which times 
 not change what it measures). Per variant it prints the median over rounds of each session's
 median test, and the machine's busy CPU per test (``/proc/stat``, all CPUs: the helper, the
 containers and kernel workers included). Interleaving matters here: this machine's speed moves
-by 20% within minutes, so only variants measured side by side are compared.
+by 20% within minutes, so only variants measured side by side are compared; each round starts
+with another variant. Two identical variants (``a`` and ``b`` with the same settings) show the
+noise: 0.8 ms apart after 6 rounds once, on a test of ~11 ms.
 
 Use the venv of ``bench_plugin.py`` (see README.md); bytecode is written to a private prefix as
 there.
@@ -70,7 +72,11 @@ def main() -> None:
         base["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         here = str(Path(__file__).resolve().parent)
         for r in range(args.rounds):
-            for name, env, pytest_args in variants:
+            # Each round starts with the next variant: no variant always runs first (the
+            # first session after a pause, or after another variant's, runs differently).
+            for name, env, pytest_args in (
+                variants[r % len(variants) :] + variants[: r % len(variants)]
+            ):
                 path = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), here]))
                 argv = [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
                 argv += ["-p", "ab_plugin", *pytest_args, str(suite)]

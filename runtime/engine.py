@@ -88,9 +88,15 @@ class Engine:
             elif not c._reaped():
                 break
 
-    def collect(self) -> None:
-        """Remove retired containers that have ended; cheap, meant for idle moments."""
-        self._collect(block=False)
+    def collect(self, batch: int = 1) -> None:
+        """Remove retired containers that have ended; cheap, meant for idle moments.
+
+        Does nothing until ``batch`` of them wait. In a process that forks, work done after
+        every fork pays a copy-on-write fault for each page it writes, every time; reaping
+        in batches touches those pages once per batch.
+        """
+        if len(self._pending) >= batch:
+            self._collect(block=False)
 
     def close(self) -> None:
         """Wait for every retired container and remove what is left (idempotent)."""

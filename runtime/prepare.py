@@ -66,9 +66,9 @@ sockets in use per protocol, and TCP's ``TIME_WAIT``. (Reading the socket tables
 _PER_NAMESPACE = frozenset({"used", "inuse", "tw"})
 """The fields of ``sockstat`` counted per namespace; the others (orphans, memory) are the
 host's and change with its traffic."""
-MAX_SPARE = 2
-"""Clean network namespaces kept for reuse; the engine has one container running and one
-prepared, so a third would never be used."""
+MAX_SPARE = 10
+"""Clean network namespaces kept for reuse: enough for the containers an engine gives back
+together (the pytest plugin reaps 8 retired ones at a time) and the next ones to prepare."""
 MAX_LENT = 16
 """Network namespaces lent out and not yet given back; the oldest is forgotten past this
 (a container removed by some path that never gives its namespace back)."""

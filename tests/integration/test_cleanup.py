@@ -223,3 +223,23 @@ def test_the_leak_check_itself_catches_leaks(tmp_path: Path) -> None:
     assert f"{fd}: '{os.devnull}'" in text
     assert "left-over" in text
     assert len(problems) == 3
+
+
+def test_retired_containers_are_reaped_in_batches_and_all_at_close(engine: Engine) -> None:
+    retired = []
+    for _ in range(3):
+        c = engine.create(ContainerSpec(HOST, argv=("true",)))
+        proc = c.start()
+        c.retire()  # it ends by itself; the engine reaps it and removes its state later
+        retired.append(c.state_dir)
+        # Ended (a pidfd is readable then), not yet reaped.
+        assert select.select([proc.fileno_for_wait()], [], [], 10)[0]
+    engine.collect(batch=4)  # fewer than a batch wait: nothing is done yet
+    assert all(d.exists() for d in retired)
+    engine.collect(batch=3)
+    assert not any(d.exists() for d in retired)
+    for _ in range(2):
+        c = engine.create(ContainerSpec(HOST, argv=("true",)))
+        c.start()
+        c.retire()
+    engine.close()  # the leak check: none of their processes or state directories is left
