@@ -39,10 +39,12 @@ from runtime.image.images import RunnableImage
 from runtime.launch import ContainerProcess, ExitStatus
 from runtime.spec import DEFAULT_PATH, HOST
 
+PREPARE_BATCH = 4
+"""Containers prepared ahead together (``Engine.prepare``). After each fork every page the
+pytest process writes costs it a copy-on-write fault; work repeated after every test pays for
+its pages every time, work done in a batch once per batch (bench/README.md, session 7)."""
 COLLECT_BATCH = 8
-"""Retired containers reaped together (``Engine.collect``): one batch's reaping writes the
-pytest process's pages once, where reaping after each test wrote them after each fork (paired
-A/B, 8 rounds twice: ~0.3 ms and ~1.3 ms of CPU less a test; bench/README.md, session 7)."""
+"""Retired containers reaped together (``Engine.collect``), for the same reason."""
 
 
 @dataclass
@@ -194,6 +196,10 @@ def _run_in_container(
             _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
             return None
         proc, image_props = started.result
+        if _same_container(item, nextitem):
+            # The next tests' namespaces and mounts, set up by the engine's helper while this
+            # one runs (runtime.prepare), a batch at a time.
+            engine.prepare(containers[0].spec, PREPARE_BATCH)
         # The previous tests' containers, while this one runs on another core.
         engine.collect(batch=COLLECT_BATCH)
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
@@ -252,10 +258,6 @@ def _start(
     env.update(tc.env)
     container = engine.create(spec, prepared=True)
     containers.append(container)
-    if _same_container(item, nextitem):
-        # The next test's namespaces and mounts are set up by the engine's helper while this
-        # test runs (runtime.prepare); asked before the fork, so that the helper starts now.
-        engine.prepare(spec)
     with warnings.catch_warnings():
         # Under xdist the process has an I/O thread; forking is safe here (the child never
         # touches execnet), so Python 3.12's warning about it is noise.

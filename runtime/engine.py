@@ -78,7 +78,7 @@ class Engine:
         self._userns_fd: int | None = None
         self._userns_closer: weakref.finalize[Any, Engine] | None = None
         self._preparer: Preparer | None = None
-        self._ahead: tuple[Container, tuple[rootfs.Op, ...]] | None = None
+        self._ahead: list[tuple[Container, tuple[rootfs.Op, ...]]] = []
 
     def _collect(self, block: bool) -> None:
         """Reap retired containers (see :meth:`Container.retire`); all of them if ``block``."""
@@ -168,36 +168,39 @@ class Engine:
         if not p:
             raise UnsupportedHostError("overlayfs", p.reason, p.fix)
 
-    def prepare(self, spec: ContainerSpec) -> None:
-        """Set the namespaces of a container for ``spec`` up in the background.
+    def prepare(self, spec: ContainerSpec, count: int = 1) -> None:
+        """Set the namespaces of ``count`` containers for ``spec`` up in the background.
 
-        The next ``create(spec, prepared=True)`` with an equal spec gets them (see
-        :mod:`runtime.prepare`): its PID 1 then joins them instead of making them. One is
-        prepared at a time; preparing for another spec drops the last one. For a caller that
-        knows what comes next: the pytest plugin prepares the next test's container while
-        one runs. Root only (the module says why); elsewhere this does nothing.
+        The next ``create(spec, prepared=True)`` calls with an equal spec get them (see
+        :mod:`runtime.prepare`): their PID 1 then joins them instead of making them. Nothing
+        is done while some are left; preparing for another spec drops them. For a caller that
+        knows what comes next: the pytest plugin prepares the next tests' containers while one
+        runs, several at once, because a process that forks after each test pays a
+        copy-on-write fault for every page it writes, every time: preparing ``count`` together
+        writes those pages once. Root only (the module says why); elsewhere this does nothing.
         """
-        if self._ahead is not None:
-            if self._ahead[0].spec == spec:
-                return
+        if any(c.spec != spec for c, _ in self._ahead):
             self._drop_ahead()
-        if spec.userns or os.geteuid() != 0:
+        if self._ahead or spec.userns or os.geteuid() != 0:
             return
-        container = self.create(spec)
-        plan = container._plan
-        split = rootfs.split_for_prepare(plan.mounts, rootfs.StatePaths(str(container.state_dir)))
-        if split is None:
-            container.remove()
-            return
-        try:
-            if self._preparer is None:
-                self._preparer = Preparer()
-            self._preparer.submit(plan.ns_flags & ~_sys.CLONE_NEWPID, split[0], plan.hostname)
-        except OSError:  # no helper (it could not start, or died): containers as usual
-            container.remove()
-            self._close_preparer()
-            return
-        self._ahead = (container, tuple(split[1]))
+        for _ in range(count):
+            container = self.create(spec)
+            plan = container._plan
+            paths = rootfs.StatePaths(str(container.state_dir))
+            split = rootfs.split_for_prepare(plan.mounts, paths)
+            if split is None:
+                container.remove()
+                return
+            try:
+                if self._preparer is None:
+                    self._preparer = Preparer()
+                self._preparer.submit(plan.ns_flags & ~_sys.CLONE_NEWPID, split[0], plan.hostname)
+            except OSError:  # no helper (it could not start, or died): containers as usual
+                container.remove()
+                self._drop_ahead()
+                self._close_preparer()
+                return
+            self._ahead.append((container, tuple(split[1])))
 
     def _close_preparer(self) -> None:
         if self._preparer is not None:
@@ -205,10 +208,10 @@ class Engine:
             self._preparer = None
 
     def _take_ahead(self, spec: ContainerSpec) -> Container | None:
-        if self._ahead is None or self._ahead[0].spec != spec:
+        if not self._ahead or self._ahead[0][0].spec != spec:
             self._drop_ahead()
             return None
-        (container, inside), self._ahead = self._ahead, None
+        container, inside = self._ahead.pop(0)
         assert self._preparer is not None
         try:
             joined, container._net = self._preparer.receive()
@@ -219,15 +222,14 @@ class Engine:
         return container
 
     def _drop_ahead(self) -> None:
-        if self._ahead is None:
-            return
-        (container, _), self._ahead = self._ahead, None
-        assert self._preparer is not None
-        with contextlib.suppress(PrepareError):
-            fds, container._net = self._preparer.receive()
-            for fd in fds:
-                os.close(fd)  # the last reference: the namespaces and their mounts go
-        container.remove()
+        while self._ahead:
+            container, _ = self._ahead.pop(0)
+            assert self._preparer is not None
+            with contextlib.suppress(PrepareError):
+                fds, container._net = self._preparer.receive()
+                for fd in fds:
+                    os.close(fd)  # the last reference: the namespaces and their mounts go
+            container.remove()
 
     def _recycle_net(self, net: int) -> None:
         """Give a network namespace back to the helper: no process is left in it."""

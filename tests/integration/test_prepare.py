@@ -86,8 +86,8 @@ def test_as_root_the_helper_sets_the_next_container_up(engine: Engine) -> None:
     if os.geteuid() != 0:
         pytest.skip("root only: a user's containers are always set up by their own PID 1")
     engine.prepare(SPEC)
-    assert engine._ahead is not None and engine._preparer is not None
-    container = engine._ahead[0]
+    assert len(engine._ahead) == 1 and engine._preparer is not None
+    container = engine._ahead[0][0]
     helper = engine._preparer._proc  # its own, not another xdist worker's
     assert helper.poll() is None and _parent(helper.pid) == os.getpid()
     taken = engine.create(SPEC, prepared=True)
@@ -106,7 +106,7 @@ def test_another_spec_drops_the_prepared_container(engine: Engine) -> None:
     engine.prepare(SPEC)
     other = ContainerSpec(Rootfs(host=True), hostname="other")
     assert _call(engine, other)["hostname"] == "other"
-    assert engine._ahead is None  # dropped: its namespaces and state are gone (leak check)
+    assert not engine._ahead  # dropped: its namespaces and state are gone (leak check)
 
 
 @pytest.mark.rootless
@@ -175,3 +175,20 @@ def test_as_root_a_network_namespace_is_reused_only_when_nothing_happened_in_it(
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_as_root_a_batch_is_prepared_when_none_is_left(engine: Engine) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("root only: a user's containers are always set up by their own PID 1")
+    engine.prepare(SPEC, 3)
+    assert len(engine._ahead) == 3
+    engine.prepare(SPEC, 3)  # some are left: nothing more
+    assert len(engine._ahead) == 3
+    taken = [engine.create(SPEC, prepared=True) for _ in range(4)]
+    assert [bool(c._plan.joined) for c in taken] == [True, True, True, False]  # then as usual
+    for c in taken:
+        c.remove()
+    engine.prepare(SPEC, 2)
+    other = ContainerSpec(Rootfs(host=True), hostname="other")
+    engine.prepare(other)  # another spec drops the batch (the leak check sees its state go)
+    assert [c.spec for c, _ in engine._ahead] == [other]
