@@ -189,7 +189,7 @@ def _run_in_container(
     containers: list[Container] = []
     try:
         started = CallInfo.from_call(
-            lambda: _start(item, nextitem, engine, tc, target, containers, env), when="setup"
+            lambda: _start(item, engine, tc, target, containers, env), when="setup"
         )
         child_end.close()
         if started.excinfo is not None:
@@ -236,7 +236,6 @@ def _same_container(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
 
 def _start(
     item: pytest.Item,
-    nextitem: pytest.Item | None,
     engine: Engine,
     tc: TestContainer,
     target: Callable[[], None],

@@ -3,8 +3,8 @@
 Setting a container up costs its first process a few milliseconds: new mount, network, UTS,
 IPC and cgroup namespaces, the overlay and a score of mounts, ``pivot_root``, loopback. The
 pytest plugin forks its large process for every test and waits for that setup before the
-test can run. This server does the setup of the *next* container while a test runs, on
-another core, and hands the new namespaces over as file descriptors; the next test's PID 1
+test can run. This server does the setup of the *next* containers while a test runs, on
+another core, and hands the new namespaces over as file descriptors; a next test's PID 1
 joins them with ``setns`` and does only what must happen inside its own new pid namespace
 (mounting ``/proc``, whose view depends on the pid namespace of whoever mounts it).
 
