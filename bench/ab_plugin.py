@@ -9,7 +9,8 @@ before the editable install), ``forked:|--forked`` runs pytest-forked. Each sess
 trivial tests with this file loaded as a plugin (``-p ab_plugin``), which times each test from
 ``pytest_runtest_logstart`` to ``pytest_runtest_logfinish`` (not a hook wrapper: the plugin must
 not change what it measures). Per variant it prints the median over rounds of each session's
-median test, and the machine's busy CPU per test (``/proc/stat``, all CPUs: the helper, the
+median test, mean test and *span* (from the first test after the warm-up to the end of the
+last, per test: the time between tests included, so the number a user waits for), and the machine's busy CPU per test (``/proc/stat``, all CPUs: the helper, the
 containers and kernel workers included). Interleaving matters here: this machine's speed moves
 by 20% within minutes, so only variants measured side by side are compared; each round starts
 with another variant. Two identical variants (``a`` and ``b`` with the same settings) show the
@@ -40,7 +41,7 @@ def test_trivial(i):
     assert i >= 0
 """
 WARMUP_TESTS = 3
-_RESULT = re.compile(r"ab_plugin: median=([\d.]+)")
+_RESULT = re.compile(r"ab_plugin: median=([\d.]+) mean=([\d.]+) span=([\d.]+)")
 
 
 def _busy_ticks() -> int:
@@ -64,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     variants = [_variant(v) for v in args.variants]
     hz = os.sysconf("SC_CLK_TCK")
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         suite = Path(tmp) / "test_ab.py"
         suite.write_text(SUITE.format(n=args.tests))
@@ -93,33 +94,47 @@ def main() -> None:
                 found = _RESULT.search(out)
                 if found is None:
                     sys.exit(f"{name}: no result\n{out[-3000:]}")
-                results[name].append((float(found.group(1)), cpu))
-                print(f"round {r} {name:12s} {float(found.group(1)):7.2f} ms  cpu {cpu:6.2f} ms")
+                median, mean, span = (float(v) for v in found.groups())
+                results[name].append((median, mean, span, cpu))
+                print(
+                    f"round {r} {name:12s} median {median:7.2f}  mean {mean:7.2f}  "
+                    f"span {span:7.2f} ms  cpu {cpu:6.2f} ms"
+                )
     print(f"\nmedians over {args.rounds} rounds, per test (ms):")
     for name, runs in results.items():
-        ms = statistics.median(m for m, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
-        print(f"  {name:12s} {ms:7.2f}  busy CPU {cpu:6.2f}")
+        median, mean, span, cpu = (statistics.median(col) for col in zip(*runs, strict=True))
+        print(
+            f"  {name:12s} median {median:7.2f}  mean {mean:7.2f}  span {span:7.2f}  "
+            f"busy CPU {cpu:6.2f}"
+        )
 
 
 # --- the plugin side: loaded into each measured session with `-p ab_plugin` ----------------
 
 _times: list[float] = []
-_start = [0.0]
+_starts: list[float] = []
+_end = [0.0]
 
 
 def pytest_runtest_logstart(nodeid: str, location: object) -> None:
-    _start[0] = time.perf_counter()
+    _starts.append(time.perf_counter())
 
 
 def pytest_runtest_logfinish(nodeid: str, location: object) -> None:
-    _times.append((time.perf_counter() - _start[0]) * 1e3)
+    _end[0] = time.perf_counter()
+    _times.append((_end[0] - _starts[-1]) * 1e3)
 
 
 def pytest_terminal_summary(terminalreporter: object) -> None:
+    """The median and mean test, and the span: from the first test after the warm-up to the
+    end of the last, per test (what the user waits for, the time between tests included)."""
     if len(_times) > WARMUP_TESTS:
-        median = statistics.median(_times[WARMUP_TESTS:])
-        terminalreporter.write_line(f"ab_plugin: median={median:.3f}")  # type: ignore[attr-defined]
+        times = _times[WARMUP_TESTS:]
+        span = (_end[0] - _starts[WARMUP_TESTS]) * 1e3 / len(times)
+        terminalreporter.write_line(  # type: ignore[attr-defined]
+            f"ab_plugin: median={statistics.median(times):.3f} "
+            f"mean={statistics.mean(times):.3f} span={span:.3f}"
+        )
 
 
 if __name__ == "__main__":

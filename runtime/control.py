@@ -22,7 +22,12 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
 
 
 def send_blob(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(_HEADER.pack(len(data), BLOB) + data)
+    sock.sendall(blob_frame(data))
+
+
+def blob_frame(data: bytes) -> bytes:
+    """The frame :func:`send_blob` sends, for a writer that sends several in one write."""
+    return _HEADER.pack(len(data), BLOB) + data
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:

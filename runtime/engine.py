@@ -40,7 +40,7 @@ from runtime.errors import (
 )
 from runtime.image import layer
 from runtime.launch import ContainerProcess, ExitStatus, LaunchPlan
-from runtime.prepare import PrepareError, Preparer
+from runtime.prepare import MAX_BATCH, PrepareError, Preparer, Recipe
 from runtime.spec import ContainerSpec
 
 _NS_FLAGS = (
@@ -63,6 +63,21 @@ class ExecResult:
 
 _DEFAULT_CAPS = process.cap_mask(set(process.DEFAULT_CAPS))
 
+
+@dataclass
+class _Ahead:
+    """How the helper sets containers of one spec up, and how many it still owes
+    (:meth:`Engine.prepare`)."""
+
+    spec: ContainerSpec
+    recipe: Recipe | None
+    """``None`` when the spec's plan does not split (a user's mount on ``/proc``)."""
+    plan: LaunchPlan | None
+    """What is left for each one's PID 1: ``/proc`` and its masks, and the rest of the launch."""
+    request: bytes = b""
+    owed: int = 0
+
+
 MAX_RETIRED = 8
 """Retired containers :meth:`Engine.create` lets wait before it reaps them itself."""
 
@@ -78,7 +93,9 @@ class Engine:
         self._userns_fd: int | None = None
         self._userns_closer: weakref.finalize[Any, Engine] | None = None
         self._preparer: Preparer | None = None
-        self._ahead: list[tuple[Container, tuple[rootfs.Op, ...]]] = []
+        self._ahead: _Ahead | None = None
+        self._home: state.StateDir | None = None
+        """The host directory over which each prepared container mounts its state."""
 
     def _collect(self, block: bool) -> None:
         """Reap retired containers (see :meth:`Container.retire`); all of them if ``block``."""
@@ -87,6 +104,9 @@ class Engine:
                 c.remove()
             elif not c._reaped():
                 break
+        if self._preparer is not None:
+            with contextlib.suppress(OSError):
+                self._preparer.flush()  # the network namespaces of those reaped, in one write
 
     def collect(self, batch: int = 1) -> None:
         """Remove retired containers that have ended; cheap, meant for idle moments.
@@ -103,6 +123,9 @@ class Engine:
         self._drop_ahead()
         self._collect(block=True)
         self._close_preparer()
+        if self._home is not None:
+            self._home.release()
+            self._home = None
         if self._userns_closer is not None:
             self._userns_closer()
             self._userns_fd = self._userns_closer = None
@@ -177,65 +200,146 @@ class Engine:
         knows what comes next: the pytest plugin prepares the next tests' containers while one
         runs, several at once, because a process that forks after each test pays a
         copy-on-write fault for every page it writes, every time: preparing ``count`` together
-        writes those pages once. Root only (the module says why); elsewhere this does nothing.
+        writes those pages once (at most :data:`runtime.prepare.MAX_BATCH`). Root only (the
+        module says why); elsewhere this does nothing.
+
+        Such a container keeps its writable state in its own mount namespace, so it cannot be
+        diffed or committed (:attr:`Container.overlays`); the plan is made once per spec.
         """
-        if any(c.spec != spec for c, _ in self._ahead):
+        if self._ahead is not None and self._ahead.spec != spec:
             self._drop_ahead()
-        if self._ahead or spec.userns or os.geteuid() != 0:
+        if (self._ahead is not None and self._ahead.owed) or spec.userns or os.geteuid() != 0:
             return
-        for _ in range(count):
-            container = self.create(spec)
-            plan = container._plan
-            paths = rootfs.StatePaths(str(container.state_dir))
-            split = rootfs.split_for_prepare(plan.mounts, paths)
-            if split is None:
-                container.remove()
-                return
-            try:
-                if self._preparer is None:
-                    self._preparer = Preparer()
-                self._preparer.submit(plan.ns_flags & ~_sys.CLONE_NEWPID, split[0], plan.hostname)
-            except OSError:  # no helper (it could not start, or died): containers as usual
-                container.remove()
-                self._drop_ahead()
-                self._close_preparer()
-                return
-            self._ahead.append((container, tuple(split[1])))
+        if self._ahead is None:
+            self._ahead = self._ahead_for(spec)
+        if self._ahead.recipe is None:
+            return
+        try:
+            if self._preparer is None:
+                self._preparer = Preparer()
+            count = min(count, MAX_BATCH)
+            self._preparer.submit(self._ahead.request, count)
+        except OSError:  # no helper (it could not start, or died): containers as usual
+            self._close_preparer()
+            return
+        self._ahead.owed = count
+
+    def _ahead_for(self, spec: ContainerSpec) -> _Ahead:
+        """The recipe of ``spec``'s prepared containers, made once: they all keep their state
+        in the same place (:class:`runtime.prepare.Recipe`)."""
+        self._check(userns=False)
+        if self._home is None:
+            self._home = state.create(self.state_root)
+        paths = rootfs.StatePaths(str(self._home.path))
+        layout, plan = self._plan(spec, paths, userns=False)
+        split = rootfs.split_for_prepare(plan.mounts, paths)
+        if split is None or layout.masks or layout.skeleton:
+            return _Ahead(spec, None, None)
+        recipe = Recipe(
+            flags=plan.ns_flags & ~_sys.CLONE_NEWPID,
+            ops=tuple(split[0]),
+            hostname=plan.hostname,
+            state=paths,
+            overlays=tuple(layout.overlays),
+            etc_files=tuple(_etc_files(spec).items()),
+        )
+        inside = dataclasses.replace(plan, mounts=tuple(split[1]))
+        return _Ahead(spec, recipe, inside, recipe.encode())
 
     def _close_preparer(self) -> None:
+        if self._ahead is not None:
+            self._ahead.owed = 0  # its answers go with the socket
         if self._preparer is not None:
             self._preparer.close()
             self._preparer = None
 
     def _take_ahead(self, spec: ContainerSpec) -> Container | None:
-        if not self._ahead or self._ahead[0][0].spec != spec:
+        ahead = self._ahead
+        if ahead is None or not ahead.owed:
+            return None
+        if ahead.spec != spec:
             self._drop_ahead()
             return None
-        container, inside = self._ahead.pop(0)
-        assert self._preparer is not None
+        assert self._preparer is not None and self._home is not None
+        assert ahead.recipe is not None and ahead.plan is not None
+        ahead.owed -= 1
         try:
-            joined, container._net = self._preparer.receive()
+            joined, net = self._preparer.receive()
         except PrepareError:
-            container.remove()  # set up the usual way instead, which reports what is wrong
-            return None
-        container._plan = dataclasses.replace(container._plan, mounts=inside, joined=joined)
+            return None  # set up the usual way instead, which reports what is wrong
+        container = Container(
+            spec,
+            state.PrivateState(state.new_id(), self._home.path),
+            dataclasses.replace(ahead.plan, joined=joined),
+            ahead.recipe.overlays,
+        )
+        container._engine = self
+        container._net = net
         return container
 
     def _drop_ahead(self) -> None:
-        while self._ahead:
-            container, _ = self._ahead.pop(0)
-            assert self._preparer is not None
+        ahead, self._ahead = self._ahead, None
+        while ahead is not None and ahead.owed and self._preparer is not None:
+            ahead.owed -= 1
             with contextlib.suppress(PrepareError):
-                fds, container._net = self._preparer.receive()
+                fds, net = self._preparer.receive()
                 for fd in fds:
                     os.close(fd)  # the last reference: the namespaces and their mounts go
-            container.remove()
+                if net is not None:
+                    self._recycle_net(net)
 
     def _recycle_net(self, net: int) -> None:
         """Give a network namespace back to the helper: no process is left in it."""
         if self._preparer is not None:
-            with contextlib.suppress(OSError):
-                self._preparer.recycle(net)
+            self._preparer.recycle(net)
+
+    def _check(self, userns: bool) -> None:
+        """What every new container needs checked or done first, cheap after the first."""
+        self.check_host(userns)
+        if not self._swept:
+            state.sweep(self.state_root)
+            self._swept = True
+        if len(self._pending) > MAX_RETIRED:
+            self._collect(block=False)
+        process.prepare_privileges(_DEFAULT_CAPS)
+
+    def _plan(
+        self, spec: ContainerSpec, paths: rootfs.StatePaths, userns: bool
+    ) -> tuple[rootfs.Layout, LaunchPlan]:
+        """The layout of ``spec``'s root and the whole plan of its launch, state in ``paths``."""
+        layout = rootfs.plan_overlays(
+            spec.rootfs.lowers,
+            spec.rootfs.host,
+            self._host_mounts,
+            self._host_top,
+            split=userns,
+            state=paths,
+            host_mount_points=[m.target for m in self._host_mount_table],
+            host_paths=spec.rootfs.host_paths,
+            list_dir=rootfs.list_host_dir,
+        )
+        overlays = layout.overlays
+        ns_flags = self._ns_flags
+        if spec.network == "host":
+            ns_flags &= ~_sys.CLONE_NEWNET
+        plan = LaunchPlan(
+            ns_flags=ns_flags,
+            idmap=self._idmap if userns else None,
+            userns_fd=self._user_namespace() if userns else None,
+            mounts=tuple(
+                rootfs.plan_mounts(spec, overlays, paths, userns, self._known(spec, overlays))
+            ),
+            hostname=spec.hostname,
+            argv=spec.argv,
+            env=dict(spec.env),
+            cwd=spec.cwd,
+            user=spec.user,
+            caps=_DEFAULT_CAPS,
+            tty=spec.tty,
+            init=spec.init,
+            pass_fds=spec.pass_fds,
+        )
+        return layout, plan
 
     def create(
         self, spec: ContainerSpec, container_id: str | None = None, prepared: bool = False
@@ -251,53 +355,16 @@ class Engine:
             if ahead is not None:
                 return ahead
         userns = spec.userns if spec.userns is not None else os.geteuid() != 0
-        self.check_host(userns)
-        if not self._swept:
-            state.sweep(self.state_root)
-            self._swept = True
-        if len(self._pending) > MAX_RETIRED:
-            self._collect(block=False)
-        process.prepare_privileges(_DEFAULT_CAPS)
+        self._check(userns)
         st = state.create(self.state_root, container_id)
         try:
             paths = rootfs.StatePaths(str(st.path))
-            layout = rootfs.plan_overlays(
-                spec.rootfs.lowers,
-                spec.rootfs.host,
-                self._host_mounts,
-                self._host_top,
-                split=userns,
-                state=paths,
-                host_mount_points=[m.target for m in self._host_mount_table],
-                host_paths=spec.rootfs.host_paths,
-                list_dir=rootfs.list_host_dir,
-            )
-            overlays = layout.overlays
-            _prepare_state(paths, overlays, spec, layout)
-            ns_flags = self._ns_flags
-            if spec.network == "host":
-                ns_flags &= ~_sys.CLONE_NEWNET
-            plan = LaunchPlan(
-                ns_flags=ns_flags,
-                idmap=self._idmap if userns else None,
-                userns_fd=self._user_namespace() if userns else None,
-                mounts=tuple(
-                    rootfs.plan_mounts(spec, overlays, paths, userns, self._known(spec, overlays))
-                ),
-                hostname=spec.hostname,
-                argv=spec.argv,
-                env=dict(spec.env),
-                cwd=spec.cwd,
-                user=spec.user,
-                caps=_DEFAULT_CAPS,
-                tty=spec.tty,
-                init=spec.init,
-                pass_fds=spec.pass_fds,
-            )
+            layout, plan = self._plan(spec, paths, userns)
+            _prepare_state(paths, layout, spec)
         except BaseException:
             st.release()
             raise
-        container = Container(spec, st, plan, overlays)
+        container = Container(spec, st, plan, layout.overlays)
         container._engine = self
         return container
 
@@ -332,22 +399,9 @@ class Engine:
                 raise
 
 
-def _prepare_state(
-    paths: rootfs.StatePaths,
-    overlays: Sequence[rootfs.Overlay],
-    spec: ContainerSpec,
-    layout: rootfs.Layout,
-) -> None:
-    os.mkdir(paths.rootfs)
-    if overlays:
-        os.mkdir(os.path.dirname(paths.upper(0)))
-        os.mkdir(os.path.dirname(paths.work(0)))
-    for ov in overlays:
-        os.mkdir(ov.upper)
-        os.mkdir(ov.work)
-        _copy_top_attributes(ov)
-        if ov.host_view is not None:
-            os.mkdir(ov.host_view)
+def _prepare_state(paths: rootfs.StatePaths, layout: rootfs.Layout, spec: ContainerSpec) -> None:
+    state.populate(paths, layout.overlays, _etc_files(spec))
+    # A split host root (rootless) has layers of whiteouts and a skeleton of its own.
     for mask in layout.masks:
         for rel in mask.hidden:
             where = os.path.join(mask.directory, rel)
@@ -364,7 +418,10 @@ def _prepare_state(
             else:
                 with contextlib.suppress(OSError):  # unreadable (rootless): not shown
                     shutil.copy2(entry.path, where, follow_symlinks=False)
-    os.mkdir(paths.etc_file(""))
+
+
+def _etc_files(spec: ContainerSpec) -> dict[str, str]:
+    """The container's ``/etc/hostname``, ``hosts`` and ``resolv.conf``."""
     if spec.network == "host":
         hosts = _read_or("/etc/hosts", "127.0.0.1\tlocalhost\n")
         resolv = _read_or("/etc/resolv.conf", "")
@@ -374,34 +431,7 @@ def _prepare_state(
             f"127.0.1.1\t{spec.hostname}\n"
         )
         resolv = "# network: none\n"
-    for name, text in (
-        ("hostname", spec.hostname + "\n"),
-        ("hosts", hosts),
-        ("resolv.conf", resolv),
-    ):
-        _write_new(paths.etc_file(name), text)
-
-
-def _copy_top_attributes(ov: rootfs.Overlay) -> None:
-    """The merged root of an overlay shows its *upper* directory's mode and owner: copy them
-    from the topmost lower, or a 1777 ``/tmp`` would become a 0755 one."""
-    for lower in ov.lowers:
-        try:
-            st = os.stat(lower)
-        except OSError:
-            continue
-        os.chmod(ov.upper, stat.S_IMODE(st.st_mode))
-        if os.geteuid() == 0:
-            os.chown(ov.upper, st.st_uid, st.st_gid)
-        return
-
-
-def _write_new(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+    return {"hostname": spec.hostname + "\n", "hosts": hosts, "resolv.conf": resolv}
 
 
 def _read_or(path: str, default: str) -> str:
@@ -466,7 +496,7 @@ class Container:
     def __init__(
         self,
         spec: ContainerSpec,
-        st: state.StateDir,
+        st: state.StateDir | state.PrivateState,
         plan: LaunchPlan,
         overlays: Sequence[rootfs.Overlay],
     ) -> None:
@@ -474,7 +504,7 @@ class Container:
         self.id = st.id
         self._state = st
         self._plan = plan
-        self.overlays = tuple(overlays)
+        self._overlays = tuple(overlays)
         self.process: ContainerProcess | None = None
         self._engine: Engine | None = None
         self._net: int | None = None
@@ -489,6 +519,16 @@ class Container:
     @property
     def state_dir(self) -> Path:
         return self._state.path
+
+    @property
+    def overlays(self) -> tuple[rootfs.Overlay, ...]:
+        """Its overlays, whose upper directories hold what it changed (diff, commit)."""
+        if isinstance(self._state, state.PrivateState):
+            raise ContainerStateError(
+                f"container {self.id} was set up ahead (prepared=True): what it changed lives "
+                "only inside its own mount namespace, so it cannot be diffed or committed"
+            )
+        return self._overlays
 
     @property
     def userns(self) -> bool:

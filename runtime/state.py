@@ -1,7 +1,7 @@
 """Per-container state directories, owned through a lock so the dead can be told from the living.
 
 Each container gets ``<root>/<id>/`` holding its overlay upper and work directories and its
-``/etc/hosts``-style files. The creating process holds an exclusive ``flock`` on ``<id>/lock`` for
+``/etc/hosts``-style files (:func:`populate`). The creating process holds an exclusive ``flock`` on ``<id>/lock`` for
 the container's whole life. The kernel drops that lock when the owner dies, however it dies, so a
 later :func:`sweep` can remove exactly the directories whose owner is gone, without guessing from
 pids.
@@ -18,9 +18,13 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.rootfs import Overlay, StatePaths
 
 
 def default_root(
@@ -111,6 +115,57 @@ class StateDir:
         finally:
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+@dataclass
+class PrivateState:
+    """The state of a container set up ahead (:mod:`runtime.prepare`): a tmpfs over ``path``
+    in the container's own mount namespace, the same path for every such container of an
+    engine. It goes with the namespace, so there is nothing on the host to lock or remove."""
+
+    id: str
+    path: Path
+
+    def release(self) -> None:
+        """Nothing to do: the kernel frees the tmpfs with the container's mounts."""
+
+
+def populate(paths: StatePaths, overlays: Sequence[Overlay], etc_files: Mapping[str, str]) -> None:
+    """Make what a container's state directory holds: the mount point of its root, an upper
+    and a work directory for each overlay, and its ``/etc`` files (name -> text)."""
+    os.mkdir(paths.rootfs)
+    if overlays:
+        os.mkdir(os.path.dirname(paths.upper(0)))
+        os.mkdir(os.path.dirname(paths.work(0)))
+    for ov in overlays:
+        os.mkdir(ov.upper)
+        os.mkdir(ov.work)
+        _copy_top_attributes(ov)
+        if ov.host_view is not None:
+            os.mkdir(ov.host_view)
+    os.mkdir(paths.etc_file(""))
+    for name, text in etc_files.items():
+        fd = os.open(
+            paths.etc_file(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+        )
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def _copy_top_attributes(ov: Overlay) -> None:
+    """The merged root of an overlay shows its *upper* directory's mode and owner: copy them
+    from the topmost lower, or a 1777 ``/tmp`` would become a 0755 one."""
+    for lower in ov.lowers:
+        try:
+            st = os.stat(lower)
+        except OSError:
+            continue
+        os.chmod(ov.upper, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:
+            os.chown(ov.upper, st.st_uid, st.st_gid)
+        return
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -16,8 +16,8 @@ import pytest
 
 from runtime import launch
 from runtime.engine import Engine
-from runtime.errors import SetupError
-from runtime.prepare import NAMESPACES
+from runtime.errors import ContainerStateError, SetupError
+from runtime.prepare import MAX_BATCH, NAMESPACES
 from runtime.rootfs import masked_paths
 from runtime.spec import BindMount, ContainerSpec, Rootfs
 
@@ -86,12 +86,12 @@ def test_as_root_the_helper_sets_the_next_container_up(engine: Engine) -> None:
     if os.geteuid() != 0:
         pytest.skip("root only: a user's containers are always set up by their own PID 1")
     engine.prepare(SPEC)
-    assert len(engine._ahead) == 1 and engine._preparer is not None
-    container = engine._ahead[0][0]
+    assert engine._ahead is not None and engine._ahead.owed == 1
+    assert engine._preparer is not None
     helper = engine._preparer._proc  # its own, not another xdist worker's
     assert helper.poll() is None and _parent(helper.pid) == os.getpid()
     taken = engine.create(SPEC, prepared=True)
-    assert taken is container and taken._plan.joined
+    assert taken._plan.joined and engine._ahead.owed == 0
     # What is left for its PID 1: /proc, its masks and read-only parts, in the container.
     assert {
         getattr(op, "target", getattr(op, "path", "")).split("/")[1] for op in taken._plan.mounts
@@ -106,7 +106,7 @@ def test_another_spec_drops_the_prepared_container(engine: Engine) -> None:
     engine.prepare(SPEC)
     other = ContainerSpec(Rootfs(host=True), hostname="other")
     assert _call(engine, other)["hostname"] == "other"
-    assert not engine._ahead  # dropped: its namespaces and state are gone (leak check)
+    assert engine._ahead is None  # dropped: its namespaces and state are gone (leak check)
 
 
 @pytest.mark.rootless
@@ -181,14 +181,57 @@ def test_as_root_a_batch_is_prepared_when_none_is_left(engine: Engine) -> None:
     if os.geteuid() != 0:
         pytest.skip("root only: a user's containers are always set up by their own PID 1")
     engine.prepare(SPEC, 3)
-    assert len(engine._ahead) == 3
+    assert engine._ahead is not None and engine._ahead.owed == 3
     engine.prepare(SPEC, 3)  # some are left: nothing more
-    assert len(engine._ahead) == 3
+    assert engine._ahead.owed == 3
     taken = [engine.create(SPEC, prepared=True) for _ in range(4)]
     assert [bool(c._plan.joined) for c in taken] == [True, True, True, False]  # then as usual
     for c in taken:
         c.remove()
     engine.prepare(SPEC, 2)
     other = ContainerSpec(Rootfs(host=True), hostname="other")
-    engine.prepare(other)  # another spec drops the batch (the leak check sees its state go)
-    assert [c.spec for c, _ in engine._ahead] == [other]
+    engine.prepare(other)  # another spec drops the batch (the leak check sees it go)
+    assert engine._ahead is not None and (engine._ahead.spec, engine._ahead.owed) == (other, 1)
+
+
+def _write_and_look() -> dict[str, Any]:
+    with open("/etc/written-inside", "w") as f:
+        f.write("private")
+    with open("/etc/hosts") as f:
+        hosts = f.read()
+    return {"hosts": hosts, "mode": oct(os.stat("/tmp").st_mode & 0o7777)}
+
+
+def test_as_root_a_prepared_container_keeps_its_state_inside(engine: Engine) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("root only: a user's containers are always set up by their own PID 1")
+    engine.prepare(SPEC, 2)
+    mounts_before = Path("/proc/self/mountinfo").read_text()
+    taken = [engine.create(SPEC, prepared=True) for _ in range(2)]
+    assert all(c._plan.joined for c in taken)
+    try:
+        results = [launch.callable_result(c.start(target=_write_and_look)) for c in taken]
+        # Its writes and its /etc files are its own: a tmpfs in its mount namespace, over one
+        # host directory that every prepared container shares and none writes to.
+        assert {c.state_dir for c in taken} == {engine._home.path}
+        assert os.listdir(engine._home.path) == ["lock"]
+        assert not Path("/etc/written-inside").exists()
+        assert Path("/proc/self/mountinfo").read_text() == mounts_before
+        assert results[0] == results[1]
+        assert "127.0.1.1\tahead" in results[0]["hosts"] and results[0]["mode"] == "0o1777"
+        with pytest.raises(ContainerStateError, match="set up ahead"):
+            taken[0].diff()
+    finally:
+        for c in taken:
+            c.remove()
+
+
+def test_as_root_a_batch_is_at_most_what_the_socket_holds(engine: Engine) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("root only: a user's containers are always set up by their own PID 1")
+    engine.prepare(SPEC, 1000)  # would fill the helper's socket and wait forever
+    assert engine._ahead is not None and engine._ahead.owed == MAX_BATCH
+    taken = [engine.create(SPEC, prepared=True) for _ in range(MAX_BATCH)]
+    assert all(c._plan.joined for c in taken)
+    for c in taken:
+        c.remove()
