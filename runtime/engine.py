@@ -16,10 +16,8 @@ import dataclasses
 import functools
 import os
 import select
-import shutil
 import signal
 import socket
-import stat
 import tarfile
 import tempfile
 import weakref
@@ -233,14 +231,14 @@ class Engine:
         paths = rootfs.StatePaths(str(self._home.path))
         layout, plan = self._plan(spec, paths, userns=False)
         split = rootfs.split_for_prepare(plan.mounts, paths)
-        if split is None or layout.masks or layout.skeleton:
+        if split is None:
             return _Ahead(spec, None, None)
         recipe = Recipe(
             flags=plan.ns_flags & ~_sys.CLONE_NEWPID,
             ops=tuple(split[0]),
             hostname=plan.hostname,
             state=paths,
-            overlays=tuple(layout.overlays),
+            layout=layout,
             etc_files=tuple(_etc_files(spec).items()),
         )
         inside = dataclasses.replace(plan, mounts=tuple(split[1]))
@@ -271,7 +269,7 @@ class Engine:
             spec,
             state.PrivateState(state.new_id(), self._home.path),
             dataclasses.replace(ahead.plan, joined=joined),
-            ahead.recipe.overlays,
+            ahead.recipe.layout.overlays,
         )
         container._engine = self
         container._net = net
@@ -360,7 +358,7 @@ class Engine:
         try:
             paths = rootfs.StatePaths(str(st.path))
             layout, plan = self._plan(spec, paths, userns)
-            _prepare_state(paths, layout, spec)
+            state.populate(paths, layout, _etc_files(spec))
         except BaseException:
             st.release()
             raise
@@ -397,27 +395,6 @@ class Engine:
             except TimeoutError:
                 c.kill()
                 raise
-
-
-def _prepare_state(paths: rootfs.StatePaths, layout: rootfs.Layout, spec: ContainerSpec) -> None:
-    state.populate(paths, layout.overlays, _etc_files(spec))
-    # A split host root (rootless) has layers of whiteouts and a skeleton of its own.
-    for mask in layout.masks:
-        for rel in mask.hidden:
-            where = os.path.join(mask.directory, rel)
-            os.makedirs(os.path.dirname(where), exist_ok=True)
-            os.mknod(where, stat.S_IFCHR | 0o600, 0)  # an overlay whiteout
-    if layout.skeleton:
-        os.mkdir(paths.skeleton)
-        for entry in layout.skeleton:
-            where = paths.skeleton + entry.path
-            if entry.kind == "dir":
-                os.mkdir(where)
-            elif entry.kind == "link":
-                os.symlink(entry.link or "", where)
-            else:
-                with contextlib.suppress(OSError):  # unreadable (rootless): not shown
-                    shutil.copy2(entry.path, where, follow_symlinks=False)
 
 
 def _etc_files(spec: ContainerSpec) -> dict[str, str]:

@@ -101,7 +101,7 @@ class Recipe:
     """The mount plan but ``/proc``; it begins by making every mount private."""
     hostname: str
     state: rootfs.StatePaths
-    overlays: tuple[rootfs.Overlay, ...]
+    layout: rootfs.Layout
     etc_files: tuple[tuple[str, str], ...]
 
     def encode(self) -> bytes:
@@ -316,7 +316,7 @@ def _make(
             syscalls = _sys.RealSyscalls()
             rootfs.apply(recipe.ops[:1], syscalls)
             _sys.mount("tmpfs", recipe.state.root, "tmpfs", _STATE_FLAGS, "mode=0711")
-            state.populate(recipe.state, recipe.overlays, dict(recipe.etc_files))
+            state.populate(recipe.state, recipe.layout, dict(recipe.etc_files))
             rootfs.apply(recipe.ops[1:], syscalls)
             socket.sethostname(recipe.hostname)
         except BaseException:

@@ -18,13 +18,13 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runtime.rootfs import Overlay, StatePaths
+    from runtime.rootfs import Layout, Overlay, StatePaths
 
 
 def default_root(
@@ -130,19 +130,36 @@ class PrivateState:
         """Nothing to do: the kernel frees the tmpfs with the container's mounts."""
 
 
-def populate(paths: StatePaths, overlays: Sequence[Overlay], etc_files: Mapping[str, str]) -> None:
+def populate(paths: StatePaths, layout: Layout, etc_files: Mapping[str, str]) -> None:
     """Make what a container's state directory holds: the mount point of its root, an upper
-    and a work directory for each overlay, and its ``/etc`` files (name -> text)."""
+    and a work directory for each overlay, the whiteouts and skeleton of a split host root,
+    and its ``/etc`` files (name -> text)."""
     os.mkdir(paths.rootfs)
-    if overlays:
+    if layout.overlays:
         os.mkdir(os.path.dirname(paths.upper(0)))
         os.mkdir(os.path.dirname(paths.work(0)))
-    for ov in overlays:
+    for ov in layout.overlays:
         os.mkdir(ov.upper)
         os.mkdir(ov.work)
         _copy_top_attributes(ov)
         if ov.host_view is not None:
             os.mkdir(ov.host_view)
+    for mask in layout.masks:
+        for rel in mask.hidden:
+            where = os.path.join(mask.directory, rel)
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            os.mknod(where, stat.S_IFCHR | 0o600, 0)  # an overlay whiteout
+    if layout.skeleton:
+        os.mkdir(paths.skeleton)
+        for entry in layout.skeleton:
+            where = paths.skeleton + entry.path
+            if entry.kind == "dir":
+                os.mkdir(where)
+            elif entry.kind == "link":
+                os.symlink(entry.link or "", where)
+            else:
+                with contextlib.suppress(OSError):  # unreadable (rootless): not shown
+                    shutil.copy2(entry.path, where, follow_symlinks=False)
     os.mkdir(paths.etc_file(""))
     for name, text in etc_files.items():
         fd = os.open(

@@ -235,3 +235,34 @@ def test_as_root_a_batch_is_at_most_what_the_socket_holds(engine: Engine) -> Non
     assert all(c._plan.joined for c in taken)
     for c in taken:
         c.remove()
+
+
+def _layer_and_host(layer: str) -> dict[str, Any]:
+    return {
+        "layer": Path("/etc/from-layer").read_text(),
+        "host": sorted(os.listdir("/usr")),
+        "layer dir shown": os.path.exists(layer),  # the host view hides the image's layers
+    }
+
+
+def test_as_root_an_image_on_top_of_the_host_is_prepared_too(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Its state holds more (the whiteouts that hide the store's layers from the host view)."""
+    if os.geteuid() != 0:
+        pytest.skip("root only: a user's containers are always set up by their own PID 1")
+    layer = tmp_path / "layer"
+    (layer / "etc").mkdir(parents=True)
+    (layer / "etc" / "from-layer").write_text("layer")
+    spec = ContainerSpec(Rootfs(host=True, lowers=(str(layer),)))
+    usual = engine.call(spec, _layer_and_host, str(layer))
+    engine.prepare(spec)
+    assert engine._ahead is not None and engine._ahead.recipe is not None
+    assert engine._ahead.recipe.layout.masks
+    c = engine.create(spec, prepared=True)
+    assert c._plan.joined
+    try:
+        ahead = launch.callable_result(c.start(target=lambda: _layer_and_host(str(layer))))
+    finally:
+        c.remove()
+    assert ahead == usual and ahead["layer"] == "layer" and not ahead["layer dir shown"]
