@@ -10,11 +10,14 @@ trivial tests with this file loaded as a plugin (``-p ab_plugin``), which times 
 ``pytest_runtest_logstart`` to ``pytest_runtest_logfinish`` (not a hook wrapper: the plugin must
 not change what it measures). Per variant it prints the median over rounds of each session's
 median test, mean test and *span* (from the first test after the warm-up to the end of the
-last, per test: the time between tests included, so the number a user waits for), and the machine's busy CPU per test (``/proc/stat``, all CPUs: the helper, the
-containers and kernel workers included). Interleaving matters here: this machine's speed moves
-by 20% within minutes, so only variants measured side by side are compared; each round starts
-with another variant. Two identical variants (``a`` and ``b`` with the same settings) show the
-noise: 0.8 ms apart after 6 rounds once, on a test of ~11 ms.
+last, per test: the time between tests included, so the number a user waits for), and the
+machine's busy CPU per test (``/proc/stat``, all CPUs: the helper, the containers and kernel
+workers included). Interleaving matters here: this machine's speed moves by 20% within
+minutes, so only variants measured side by side are compared, and the order of the variants
+is shuffled every round (``--seed``): with a fixed rotation, one A/B gave a 0.9 ms gain in one
+order and none in the reversed order (session 8). Two identical variants (``a`` and ``b``
+with the same settings) show the noise: 0.5-1.1 ms apart after 6-8 rounds, on a test of
+~11-13 ms. So only a difference that repeats, with the variants in other orders, counts.
 
 Use the venv of ``bench_plugin.py`` (see README.md); bytecode is written to a private prefix as
 there.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--python", required=True)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tests", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0, help="of the order of each round")
     ap.add_argument("variants", nargs="+")
     args = ap.parse_args()
     variants = [_variant(v) for v in args.variants]
@@ -72,12 +77,13 @@ def main() -> None:
         base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         base["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         here = str(Path(__file__).resolve().parent)
+        shuffler = random.Random(args.seed)
         for r in range(args.rounds):
-            # Each round starts with the next variant: no variant always runs first (the
-            # first session after a pause, or after another variant's, runs differently).
-            for name, env, pytest_args in (
-                variants[r % len(variants) :] + variants[: r % len(variants)]
-            ):
+            # A new order every round: no variant always runs first or after the same other
+            # (a session runs differently after a pause, or after another variant's).
+            order = list(variants)
+            shuffler.shuffle(order)
+            for name, env, pytest_args in order:
                 path = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), here]))
                 argv = [args.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
                 argv += ["-p", "ab_plugin", *pytest_args, str(suite)]

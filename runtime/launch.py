@@ -447,7 +447,6 @@ def _init(
             user = process.resolve_user(
                 plan.user, process.read_text("/etc/passwd"), process.read_text("/etc/group")
             )
-        env = process.container_env(plan.env, user, plan.hostname, plan.tty)
         stage.name = "workdir"
         try:
             os.chdir(plan.cwd)
@@ -469,7 +468,9 @@ def _init(
         for fd in plan.pass_fds:
             os.set_inheritable(fd, True)
         exe = None
+        env: dict[str, str] = {}  # a callable keeps the caller's environment
         if plan.argv is not None:
+            env = process.container_env(plan.env, user, plan.hostname, plan.tty)
             stage.name = "exec"
             exe = _find_executable(plan.argv[0], env.get("PATH", ""))
         stage.name = "privileges"
