@@ -495,6 +495,7 @@ class Container:
 
     @property
     def state_dir(self) -> Path:
+        """Its state directory (a prepared container's is a tmpfs inside it, over this path)."""
         return self._state.path
 
     @property

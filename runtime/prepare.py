@@ -14,8 +14,9 @@ It is a fresh interpreter importing only this package's launch code; it serves o
 at a time, in order, over a socket pair, and dies with its caller (``PR_SET_PDEATHSIG``).
 Nothing outlives the descriptors: a namespace with no process and no descriptor is freed,
 its mounts with it, and so is the container's writable state, which lives in a tmpfs of its
-own mount namespace (:class:`Recipe`), not on the host. A request that fails is answered with an error; the engine then sets
-that container up the usual way, which reports the failure properly.
+own mount namespace (:class:`Recipe`), not on the host. A request that fails is answered
+with an error; the engine then sets that container up the usual way, which reports the
+failure properly.
 
 Network namespaces are recycled when nothing happened in them. A new one is the most
 expensive namespace to make and to free: the kernel registers (and later, in a worker, tears

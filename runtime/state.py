@@ -1,10 +1,11 @@
 """Per-container state directories, owned through a lock so the dead can be told from the living.
 
 Each container gets ``<root>/<id>/`` holding its overlay upper and work directories and its
-``/etc/hosts``-style files (:func:`populate`). The creating process holds an exclusive ``flock`` on ``<id>/lock`` for
-the container's whole life. The kernel drops that lock when the owner dies, however it dies, so a
-later :func:`sweep` can remove exactly the directories whose owner is gone, without guessing from
-pids.
+``/etc/hosts``-style files (:func:`populate`). The creating process holds an exclusive
+``flock`` on ``<id>/lock`` for the container's whole life. The kernel drops that lock when the
+owner dies, however it dies, so a later :func:`sweep` can remove exactly the directories whose
+owner is gone, without guessing from pids. (A container set up ahead has its state inside its
+own mount namespace instead: :class:`PrivateState`.)
 """
 
 from __future__ import annotations
