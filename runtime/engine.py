@@ -61,10 +61,6 @@ class ExecResult:
 
 _DEFAULT_CAPS = process.cap_mask(set(process.DEFAULT_CAPS))
 
-_MAKE_PRIVATE = rootfs.Mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
-"""A mount plan's first step; the helper mounts a prepared container's state right after it,
-so that the state's tmpfs never shows on the host (:class:`runtime.prepare.Recipe`)."""
-
 
 @dataclass
 class _Ahead:
@@ -235,11 +231,11 @@ class Engine:
         paths = rootfs.StatePaths(str(self._home.path))
         layout, plan = self._plan(spec, paths, userns=False)
         split = rootfs.split_for_prepare(plan.mounts, paths)
-        if split is None or split[0][:1] != [_MAKE_PRIVATE]:  # the helper relies on it
+        if split is None or split[0][:1] != [rootfs.MAKE_PRIVATE]:
             return _Ahead(spec, None, None)
         recipe = Recipe(
             flags=plan.ns_flags & ~_sys.CLONE_NEWPID,
-            ops=tuple(split[0]),
+            ops=tuple(split[0][1:]),  # the helper makes the mounts private itself, first
             hostname=plan.hostname,
             state=paths,
             layout=layout,

@@ -79,8 +79,8 @@ MAX_LENT = 16
 (a container removed by some path that never gives its namespace back)."""
 MAX_BATCH = 8
 """Containers asked for at once, at most. The caller writes every request before it reads an
-answer, so the answers (each ~2 KB of socket buffer, with five descriptors in flight) must
-fit in its socket's buffer (~200 KB) or both sides wait for each other forever; and each
+answer, so the answers (with five descriptors in flight each) must fit in its socket's buffer
+(212992 bytes here), or both sides wait for each other forever: a batch of 200 did. And each
 batch lends its network namespaces out (:data:`MAX_LENT`)."""
 
 
@@ -99,7 +99,7 @@ class Recipe:
     flags: int
     """The namespaces to make (``pid`` excluded: the PID 1 makes its own)."""
     ops: tuple[rootfs.Op, ...]
-    """The mount plan but ``/proc``; it begins by making every mount private."""
+    """The mount plan after its first step (:data:`rootfs.MAKE_PRIVATE`), but ``/proc``."""
     hostname: str
     state: rootfs.StatePaths
     layout: rootfs.Layout
@@ -312,13 +312,12 @@ def _make(
             if net is None and flags & _sys.CLONE_NEWNET:
                 _sys.set_loopback_up()
                 net = nets.lend(os.open("/proc/self/ns/net", os.O_RDONLY), _net_state())
-            # The plan's first step makes every mount private, so that the state's tmpfs,
-            # mounted next, never shows on the host.
+            # Every mount private first, so that the state's tmpfs never shows on the host.
             syscalls = _sys.RealSyscalls()
-            rootfs.apply(recipe.ops[:1], syscalls)
+            rootfs.apply([rootfs.MAKE_PRIVATE], syscalls)
             _sys.mount("tmpfs", recipe.state.root, "tmpfs", _STATE_FLAGS, "mode=0711")
             state.populate(recipe.state, recipe.layout, dict(recipe.etc_files))
-            rootfs.apply(recipe.ops[1:], syscalls)
+            rootfs.apply(recipe.ops, syscalls)
             socket.sethostname(recipe.hostname)
         except BaseException:
             for fd in fds:

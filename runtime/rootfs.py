@@ -604,6 +604,10 @@ def masked_paths() -> tuple[tuple[str, bool], ...]:
     return tuple(found)
 
 
+MAKE_PRIVATE = Mount(None, "/", None, MS_REC | MS_PRIVATE)
+"""Every mount plan's first step: nothing mounted after it shows outside the namespace."""
+
+
 def plan_mounts(
     spec: ContainerSpec,
     overlays: Sequence[Overlay],
@@ -632,7 +636,7 @@ def plan_mounts(
         top, _, rest = path.partition("/")[2].partition("/")
         return f"{proc if top == 'proc' else sys_dir}/{rest}"
 
-    ops: list[Op] = [Mount(None, "/", None, MS_REC | MS_PRIVATE)]
+    ops: list[Op] = [MAKE_PRIVATE]
     for ov in overlays:
         target = root if ov.target == "/" else inside(ov.target)
         if ov.target != "/":

@@ -8,6 +8,7 @@ leak check: processes, overlay mounts, descriptors, state directories).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -228,7 +229,17 @@ def test_as_root_a_prepared_container_keeps_its_state_inside(engine: Engine) -> 
 def test_as_root_a_batch_is_at_most_what_the_socket_holds(engine: Engine) -> None:
     if os.geteuid() != 0:
         pytest.skip("root only: a user's containers are always set up by their own PID 1")
-    engine.prepare(SPEC, 1000)  # would fill the helper's socket and wait forever
+
+    def stuck(*_: object) -> None:
+        raise TimeoutError("the requests filled the helper's socket: both sides wait")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        engine.prepare(SPEC, 1000)  # unbounded, this waits forever (a failure, by the alarm)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert engine._ahead is not None and engine._ahead.owed == MAX_BATCH
     taken = [engine.create(SPEC, prepared=True) for _ in range(MAX_BATCH)]
     assert all(c._plan.joined for c in taken)
