@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import is_
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,54 +175,159 @@ def _run_in_container(
     """Run the item's phases in a container; return its teardown report, not yet logged."""
     config = item.config
     engine = stash.engine(config)
-    basetemp = _basetemp(config)
+    launch = _take_early(item)
+    if launch is None:
+        started = CallInfo.from_call(lambda: _launch(item, engine, tc), when="setup")
+        if started.excinfo is not None:
+            _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
+            return None
+        launch = started.result
+    outcome = _Outcome([])
+    start = time.time()
+    try:
+        launch.go()
+        if _same_container(item, nextitem):
+            assert nextitem is not None
+            # The next tests' namespaces and mounts, set up by the engine's helper while this
+            # one runs (runtime.prepare), a batch at a time; and the next test's container
+            # itself, started now so that its turn begins with its test.
+            engine.prepare(launch.container.spec, PREPARE_BATCH)
+            _launch_early(nextitem, engine, tc, running=launch)
+        # The previous tests' containers, while this one runs on another core.
+        engine.collect(batch=COLLECT_BATCH)
+        deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
+        # The setup report's duration covers what plain pytest's would: the wider fixtures
+        # set up here, and the container's start (the price of isolation, shown honestly,
+        # even when it was paid while the previous test ran).
+        extra = prepare_time + launch.duration
+        _receive(item, launch.sock, outcome, deadline, launch.props, extra)
+        if outcome.timed_out:
+            launch.container.kill()
+        if not outcome.done:
+            outcome.status = launch.proc.wait()
+    finally:
+        launch.end(exited=outcome.done)
+    if not outcome.done:
+        return _report_crash(item, tc, outcome, start)
+    return outcome.teardown
+
+
+@dataclass
+class Launch:
+    """A test's container, started: its child waits for :meth:`go` to run the test."""
+
+    item: pytest.Item
+    container: Container
+    proc: ContainerProcess
+    sock: socket.socket
+    props: list[tuple[str, str]]
+    duration: float
+    wider: tuple[object, ...]
+    """What the child saw of the item's wider scopes (:func:`_wider_state`)."""
+
+    def go(self) -> None:
+        with contextlib.suppress(OSError):  # a child already dead is reported as a crash
+            self.sock.sendall(_GO)
+
+    def end(self, exited: bool) -> None:
+        """Let go of the container: reap it later if it is exiting, else remove it now."""
+        self.sock.close()
+        if exited:
+            self.container.retire()  # off this test's critical path
+        else:
+            self.container.remove()
+
+
+_GO = b"g"
+
+
+def _launch(
+    item: pytest.Item, engine: Engine, tc: TestContainer, running: Launch | None = None
+) -> Launch:
+    """Start the item's container; its child runs the item once told to go.
+
+    ``running`` is the launch of the test running now, whose socket the new child must not
+    hold.
+    """
+    began = time.perf_counter()
+    basetemp = _basetemp(item.config)
     parent_end, child_end = socket.socketpair()
     env: dict[str, str] = {}
 
     def target() -> None:
         parent_end.close()
+        if running is not None:
+            running.sock.close()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if child_end.recv(1) != _GO:  # the pytest process let this container go unused
+            os._exit(0)
         os.environ.update(env)
         child.run_item(item, child_end, basetemp)
 
-    outcome = _Outcome([])
-    start = time.time()
     containers: list[Container] = []
     try:
-        started = CallInfo.from_call(
-            lambda: _start(item, engine, tc, target, containers, env), when="setup"
-        )
-        child_end.close()
-        if started.excinfo is not None:
-            _log(item, item.ihook.pytest_runtest_makereport(item=item, call=started))
-            return None
-        proc, image_props = started.result
-        if _same_container(item, nextitem):
-            # The next tests' namespaces and mounts, set up by the engine's helper while this
-            # one runs (runtime.prepare), a batch at a time.
-            engine.prepare(containers[0].spec, PREPARE_BATCH)
-        # The previous tests' containers, while this one runs on another core.
-        engine.collect(batch=COLLECT_BATCH)
-        deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
-        # The setup report's duration covers what plain pytest's would: the wider fixtures
-        # set up here, and the container's start (the price of isolation, shown honestly).
-        extra = prepare_time + started.duration
-        _receive(item, parent_end, outcome, deadline, image_props, extra)
-        if outcome.timed_out:
-            containers[0].kill()
-        if not outcome.done:
-            outcome.status = proc.wait()
-    finally:
+        proc, props = _start(item, engine, tc, target, containers, env)
+    except BaseException:
         parent_end.close()
-        child_end.close()
         for c in containers:
-            if outcome.done:
-                c.retire()  # it is exiting: reap it later, off this test's critical path
-            else:
-                c.remove()
-    if not outcome.done:
-        return _report_crash(item, tc, outcome, start)
-    return outcome.teardown
+            c.remove()
+        raise
+    finally:
+        child_end.close()
+    duration = time.perf_counter() - began
+    return Launch(item, containers[0], proc, parent_end, props, duration, _wider_state(item))
+
+
+def _launch_early(item: pytest.Item, engine: Engine, tc: TestContainer, running: Launch) -> None:
+    """Start ``item``'s container now, while the test before it runs; :func:`_take_early`
+    uses it at the item's turn if nothing it saw has changed by then.
+
+    Only for an item of the same parent node (a new module or class sets up fixtures first).
+    A failed start is not reported here: the item's own turn starts it again and reports it.
+    """
+    if item.parent is not running.item.parent:
+        return
+    if hasattr(item, "_request") and not item._request:  # as runtestprotocol does
+        item._initrequest()  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception, pytest.fail.Exception):
+        item.config.stash[stash.EARLY_KEY] = _launch(item, engine, tc, running)
+
+
+def _take_early(item: pytest.Item) -> Launch | None:
+    """The container started early for ``item``, if its child saw what the item sees now."""
+    launch = item.config.stash.get(stash.EARLY_KEY, None)
+    if launch is None:
+        return None
+    del item.config.stash[stash.EARLY_KEY]
+    now = _wider_state(item)
+    if launch.item is item and len(now) == len(launch.wider) and all(map(is_, now, launch.wider)):
+        return launch
+    launch.end(exited=False)
+    return None
+
+
+def drop_early(config: pytest.Config) -> None:
+    """Remove a container started early that no test will use (the session ends)."""
+    launch = config.stash.get(stash.EARLY_KEY, None)
+    if launch is not None:
+        del config.stash[stash.EARLY_KEY]
+        launch.end(exited=False)
+
+
+def _wider_state(item: pytest.Item) -> tuple[object, ...]:
+    """The nodes set up in this process and the cached value of each of ``item``'s wider-scoped
+    fixtures, as objects: a child forked now runs the item with exactly these.
+
+    A container started early (:func:`_launch_early`) is used only if this is the same, object
+    for object, at the item's turn: any fixture set up, torn down or set up again for another
+    parameter since then is a new cached value, and any node a new entry of the stack.
+    """
+    state: list[object] = list(item.session._setupstate.stack)
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        for defs in info.name2fixturedefs.values():
+            state.extend(d.cached_result for d in defs if d.scope != "function")
+    return tuple(state)
 
 
 def _same_container(item: pytest.Item, nextitem: pytest.Item | None) -> bool:

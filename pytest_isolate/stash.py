@@ -16,11 +16,14 @@ from pytest_isolate.images import SessionImages
 from pytest_isolate.options import TestContainer
 
 if TYPE_CHECKING:
+    from pytest_isolate.session import Launch
     from runtime import Engine
 
 PLAN_KEY = pytest.StashKey[TestContainer]()
 """An isolated item's container options (only items that run in a container have one)."""
 IMAGES_KEY = pytest.StashKey[SessionImages]()
+EARLY_KEY: pytest.StashKey[Launch] = pytest.StashKey()
+"""The next test's container, started while a test runs (:mod:`pytest_isolate.session`)."""
 _ENGINE_KEY = pytest.StashKey["Engine"]()
 
 
@@ -35,7 +38,10 @@ def engine(config: pytest.Config) -> Engine:
 
 
 def close(config: pytest.Config) -> None:
-    """Close the engine, if the session made one."""
+    """Close the engine, if the session made one, and remove what it still runs."""
     found = config.stash.get(_ENGINE_KEY, None)
     if found is not None:
+        from pytest_isolate.session import drop_early
+
+        drop_early(config)
         found.close()

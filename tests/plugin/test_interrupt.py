@@ -15,7 +15,9 @@ SLOW = """
 import os, subprocess, time
 import pytest
 
-@pytest.mark.container(volumes=["{out}:/out"])
+# Both in containers of one spec: the second one's is started while the first test runs.
+pytestmark = pytest.mark.container(volumes=["{out}:/out"])
+
 def test_waits():
     subprocess.Popen(["sleep", "1234"])          # a grandchild inside the container
     open("/out/started", "w").write(str(os.getpid()))
@@ -26,9 +28,14 @@ def test_never_reached():
 """
 
 
-def _sleepers() -> list[str]:
-    out = subprocess.run(["pgrep", "-f", "sleep 1234"], capture_output=True, text=True)
-    return out.stdout.split()
+def _container_processes() -> list[str]:
+    """The container's processes: the grandchild, and a container's PID 1 (a fork of the inner
+    pytest, with its command line)."""
+    found = []
+    for pattern in ("sleep 1234", "test_slow[.]py"):
+        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        found += out.stdout.split()
+    return found
 
 
 @pytest.mark.rootless
@@ -64,9 +71,9 @@ def test_ctrl_c_interrupts_the_run_and_cleans_up(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" in output
     assert "test_never_reached" not in output
     deadline = time.monotonic() + 5
-    while _sleepers() and time.monotonic() < deadline:
+    while _container_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _sleepers() == [], "a process of the container survived Ctrl-C"
+    assert _container_processes() == [], "a process of the container survived Ctrl-C"
     assert not state.exists() or list(state.iterdir()) == [], list(state.iterdir())
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
