@@ -22,7 +22,6 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from operator import is_
 from pathlib import Path
@@ -188,11 +187,12 @@ def _run_in_container(
         launch.go()
         if _same_container(item, nextitem):
             assert nextitem is not None
-            # The next tests' namespaces and mounts, set up by the engine's helper while this
-            # one runs (runtime.prepare), a batch at a time; and the next test's container
-            # itself, started now so that its turn begins with its test.
-            engine.prepare(launch.container.spec, PREPARE_BATCH)
+            # The next test's container, started now so that its turn begins with its test;
+            # then the namespaces and mounts of the ones after it, set up by the engine's
+            # helper while this test runs (runtime.prepare), a batch at a time, asked for
+            # when the last one is taken, so that none is waited for.
             _launch_early(nextitem, engine, tc, running=launch)
+            engine.prepare(launch.container.spec, PREPARE_BATCH)
         # The previous tests' containers, while this one runs on another core.
         engine.collect(batch=COLLECT_BATCH)
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
@@ -246,13 +246,25 @@ def _launch(
 ) -> Launch:
     """Start the item's container; its child runs the item once told to go.
 
-    ``running`` is the launch of the test running now, whose socket the new child must not
-    hold.
+    Early, while ``running`` (the launch of the test that runs now) runs, this returns right
+    after the fork: the child sets its container up meanwhile, and :func:`_take_early` checks
+    that it did at the item's turn. The child must not hold the running test's socket.
     """
     began = time.perf_counter()
+    try:
+        image = image_for(item.config, tc, item.path.parent)
+    except IsolateError as e:
+        problem = str(e)
+    else:
+        problem = ""
+    if problem:
+        # The image is the test's setup: a short error, not a traceback through this plugin.
+        pytest.fail(f"pytest-isolate: {problem}", pytrace=False)
+    # A callable keeps this process's environment; the image's and the marker's go on top.
+    env = {**(image.env if image is not None and image.image_id is not None else {}), **tc.env}
     basetemp = _basetemp(item.config)
+    container = engine.create(container_spec(tc, image), prepared=True)
     parent_end, child_end = socket.socketpair()
-    env: dict[str, str] = {}
 
     def target() -> None:
         parent_end.close()
@@ -264,18 +276,30 @@ def _launch(
         os.environ.update(env)
         child.run_item(item, child_end, basetemp)
 
-    containers: list[Container] = []
     try:
-        proc, props = _start(item, engine, tc, target, containers, env)
+        with warnings.catch_warnings():
+            # Under xdist the process has an I/O thread; forking is safe here (the child never
+            # touches execnet), so Python 3.12's warning about it is noise.
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            # Objects that exist now are never scanned by the child's garbage collector: fewer
+            # copy-on-write page faults in the child, which is most of a test's cost there.
+            gc.freeze()
+            try:
+                proc = container.start(target=target, wait=running is None)
+            finally:
+                gc.unfreeze()
     except BaseException:
         parent_end.close()
-        for c in containers:
-            c.remove()
+        container.remove()
         raise
     finally:
         child_end.close()
+    # Each report names the exact image, so that a CI failure can be reproduced with it.
+    props = [("container_image", tc.image)]
+    if image is not None and image.image_id is not None:
+        props.append(("container_image_id", image.image_id))
     duration = time.perf_counter() - began
-    return Launch(item, containers[0], proc, parent_end, props, duration, _wider_state(item))
+    return Launch(item, container, proc, parent_end, props, duration, _wider_state(item))
 
 
 def _launch_early(item: pytest.Item, engine: Engine, tc: TestContainer, running: Launch) -> None:
@@ -301,7 +325,12 @@ def _take_early(item: pytest.Item) -> Launch | None:
     del item.config.stash[stash.EARLY_KEY]
     now = _wider_state(item)
     if launch.item is item and len(now) == len(launch.wider) and all(map(is_, now, launch.wider)):
-        return launch
+        try:
+            launch.proc.wait_ready()
+        except Exception:  # started again the usual way, which reports what is wrong
+            pass
+        else:
+            return launch
     launch.end(exited=False)
     return None
 
@@ -338,47 +367,6 @@ def _same_container(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
         and nextitem.stash.get(stash.PLAN_KEY, None) == item.stash.get(stash.PLAN_KEY, None)
         and nextitem.path.parent == item.path.parent
     )
-
-
-def _start(
-    item: pytest.Item,
-    engine: Engine,
-    tc: TestContainer,
-    target: Callable[[], None],
-    containers: list[Container],
-    env: dict[str, str],
-) -> tuple[ContainerProcess, list[tuple[str, str]]]:
-    try:
-        image = image_for(item.config, tc, item.path.parent)
-    except IsolateError as e:
-        problem = str(e)
-    else:
-        problem = ""
-    if problem:
-        # The image is the test's setup: a short error, not a traceback through this plugin.
-        pytest.fail(f"pytest-isolate: {problem}", pytrace=False)
-    spec = container_spec(tc, image)
-    # A callable keeps this process's environment; the image's and the marker's go on top.
-    env.update(image.env if image is not None and image.image_id is not None else {})
-    env.update(tc.env)
-    container = engine.create(spec, prepared=True)
-    containers.append(container)
-    with warnings.catch_warnings():
-        # Under xdist the process has an I/O thread; forking is safe here (the child never
-        # touches execnet), so Python 3.12's warning about it is noise.
-        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        # Objects that exist now are never scanned by the child's garbage collector: fewer
-        # copy-on-write page faults in the child, which is most of a test's cost there.
-        gc.freeze()
-        try:
-            proc = container.start(target=target)
-        finally:
-            gc.unfreeze()
-    # Each report names the exact image, so that a CI failure can be reproduced with it.
-    props = [("container_image", tc.image)]
-    if image is not None and image.image_id is not None:
-        props.append(("container_image_id", image.image_id))
-    return proc, props
 
 
 def _receive(

@@ -516,8 +516,13 @@ class Container:
         self,
         stdio: Sequence[int | None] = (None, None, None),
         target: Callable[[], Any] | None = None,
+        wait: bool = True,
     ) -> ContainerProcess:
-        """Launch the container: ``spec.argv``, or ``target`` (a callable), or an idle PID 1."""
+        """Launch the container: ``spec.argv``, or ``target`` (a callable), or an idle PID 1.
+
+        ``wait=False`` returns before the container has set itself up (see
+        :func:`runtime.launch.start`).
+        """
         if self.process is not None:
             raise ContainerStateError(f"container {self.id} was already started")
         plan = self._plan
@@ -526,7 +531,7 @@ class Container:
         if self._engine is not None and self._engine._preparer is not None:
             plan = dataclasses.replace(plan, private_fds=(self._engine._preparer.fileno(),))
         try:
-            self.process = launch.start(plan, stdio, target)
+            self.process = launch.start(plan, stdio, target, wait)
         finally:
             self._close_joined()
         return self.process

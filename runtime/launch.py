@@ -149,7 +149,17 @@ class ContainerProcess:
             raise _error_from(msg)
 
     def wait_ready(self) -> None:
-        """Wait until the workload is running; raise the child's setup error."""
+        """Wait until the workload is running; raise the child's setup error (the container
+        is then killed and reaped)."""
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()
+            with contextlib.suppress(ChildProcessError):
+                self.wait()
+            raise
+
+    def _wait_ready(self) -> None:
         while True:
             msg = control.recv(self.sock)
             if msg is None:
@@ -243,8 +253,14 @@ def start(
     plan: LaunchPlan,
     stdio: Sequence[int | None] = (None, None, None),
     target: Callable[[], Any] | None = None,
+    wait: bool = True,
 ) -> ContainerProcess:
-    """Fork the stages of a container and return once its workload runs (or raise why not)."""
+    """Fork the stages of a container and return once its workload runs (or raise why not).
+
+    With ``wait=False`` return right after the fork: the caller goes on while the container
+    sets itself up, and calls :meth:`ContainerProcess.wait_ready` before it relies on it
+    (a setup error is raised there).
+    """
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     direct = plan.idmap is None and os.geteuid() == 0
     caller = os.getpid()
@@ -270,13 +286,8 @@ def start(
     proc = ContainerProcess(pid, parent_sock, alive_w)
     if direct:
         proc.init_pid = pid
-    try:
+    if wait:
         proc.wait_ready()
-    except BaseException:
-        proc.kill()
-        with contextlib.suppress(ChildProcessError):
-            proc.wait()
-        raise
     return proc
 
 

@@ -137,6 +137,24 @@ def test_an_unknown_user_fails_setup_at_the_user_stage(engine: Engine) -> None:
     assert info.value.stage == "user"
 
 
+@pytest.mark.rootless
+def test_a_start_that_does_not_wait_raises_the_setup_error_when_waited_for(
+    engine: Engine,
+) -> None:
+    # start(wait=False) returns after the fork (the pytest plugin starts the next test's
+    # container so, while a test runs); the setup error comes with wait_ready, which leaves
+    # the failed container reaped.
+    container = engine.create(ContainerSpec(HOST, argv=("true",), user="ghost"))
+    try:
+        proc = container.start(wait=False)
+        with pytest.raises(SetupError, match="ghost") as info:
+            proc.wait_ready()
+        assert info.value.stage == "user"
+        assert proc.returncode is not None
+    finally:
+        container.remove()
+
+
 # --- privileges -------------------------------------------------------------------------------
 
 
