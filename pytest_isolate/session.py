@@ -222,8 +222,8 @@ class Launch:
     sock: socket.socket
     props: list[tuple[str, str]]
     duration: float
-    wider: tuple[object, ...]
-    """What the child saw of the item's wider scopes (:func:`_wider_state`)."""
+    inherited: tuple[tuple[object, ...], tuple[object, ...]]
+    """What the child took from this process (:func:`_inherited`)."""
 
     def go(self) -> None:
         with contextlib.suppress(OSError):  # a child already dead is reported as a crash
@@ -299,7 +299,7 @@ def _launch(
     if image is not None and image.image_id is not None:
         props.append(("container_image_id", image.image_id))
     duration = time.perf_counter() - began
-    return Launch(item, container, proc, parent_end, props, duration, _wider_state(item))
+    return Launch(item, container, proc, parent_end, props, duration, _inherited(item))
 
 
 def _launch_early(item: pytest.Item, engine: Engine, tc: TestContainer, running: Launch) -> None:
@@ -323,8 +323,14 @@ def _take_early(item: pytest.Item) -> Launch | None:
     if launch is None:
         return None
     del item.config.stash[stash.EARLY_KEY]
-    now = _wider_state(item)
-    if launch.item is item and len(now) == len(launch.wider) and all(map(is_, now, launch.wider)):
+    objects, filters = _inherited(item)
+    seen, seen_filters = launch.inherited
+    if (
+        launch.item is item
+        and filters == seen_filters
+        and len(objects) == len(seen)
+        and all(map(is_, objects, seen))
+    ):
         try:
             launch.proc.wait_ready()
         except Exception:  # started again the usual way, which reports what is wrong
@@ -343,20 +349,21 @@ def drop_early(config: pytest.Config) -> None:
         launch.end(exited=False)
 
 
-def _wider_state(item: pytest.Item) -> tuple[object, ...]:
-    """The nodes set up in this process and the cached value of each of ``item``'s wider-scoped
-    fixtures, as objects: a child forked now runs the item with exactly these.
+def _inherited(item: pytest.Item) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    """What a child forked now takes from this process into ``item``'s run: the nodes set up,
+    the cached value of each of its wider-scoped fixtures, and the warning filters (pytest
+    applies a test's ``filterwarnings`` marks around its whole protocol, here).
 
-    A container started early (:func:`_launch_early`) is used only if this is the same, object
-    for object, at the item's turn: any fixture set up, torn down or set up again for another
-    parameter since then is a new cached value, and any node a new entry of the stack.
+    A container started early (:func:`_launch_early`) is used only if this is the same at the
+    item's turn: the objects are compared by identity (any fixture set up, torn down or set up
+    again for another parameter since then is a new cached value), the filters by value.
     """
-    state: list[object] = list(item.session._setupstate.stack)
+    objects: list[object] = list(item.session._setupstate.stack)
     info = getattr(item, "_fixtureinfo", None)
     if info is not None:
         for defs in info.name2fixturedefs.values():
-            state.extend(d.cached_result for d in defs if d.scope != "function")
-    return tuple(state)
+            objects.extend(d.cached_result for d in defs if d.scope != "function")
+    return tuple(objects), tuple(warnings.filters)
 
 
 def _same_container(item: pytest.Item, nextitem: pytest.Item | None) -> bool:

@@ -125,3 +125,31 @@ def test_a_container_started_for_a_test_that_never_runs_is_removed(
     left = subprocess.run(["pgrep", "-f", token], capture_output=True, text=True)
     assert left.stdout == "", "a container's process outlived its session"
     assert not state.exists() or list(state.iterdir()) == [], list(state.iterdir())
+
+
+WARNING_FILTERS_PER_TEST = """
+    import warnings
+    import pytest
+
+    def test_plain():
+        pass
+
+    @pytest.mark.filterwarnings("error")
+    def test_strict():
+        warnings.warn("turned into an error by this test's own marker")
+
+    def test_lenient():
+        warnings.warn("only recorded here")
+"""
+
+
+@pytest.mark.rootless
+def test_a_container_started_under_another_tests_warning_filters_is_not_used(
+    pytester: pytest.Pytester, runpytest: RunPytest
+) -> None:
+    # pytest applies a test's filterwarnings marks around its whole protocol; a child forked
+    # during the test before it has that test's filters.
+    pytester.makepyfile(test_filters=WARNING_FILTERS_PER_TEST)
+    result = runpytest("--isolate", "-v")
+    result.assert_outcomes(passed=2, failed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*test_strict FAILED*", "*UserWarning: turned into an error*"])
