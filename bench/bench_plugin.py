@@ -283,6 +283,7 @@ def analyse(marks: list[list[Any]]) -> dict[str, Any]:
     deltas: dict[str, list[float]] = {}
     positions: dict[str, list[int]] = {}
     after: dict[str, list[float]] = {}
+    before: dict[str, list[float]] = {}
     faults: dict[str, list[int]] = {}
     segment_faults: dict[str, list[int]] = {}
     for entries in tests.values():
@@ -309,6 +310,9 @@ def analyse(marks: list[list[Any]]) -> dict[str, Any]:
         totals.append((end - begin) / 1e6)
         previous = begin
         for i, (ns, label, _) in enumerate(points):
+            if ns < begin:  # the container started early, while the test before ran
+                before.setdefault(label, []).append((begin - ns) / 1e6)
+                continue
             if ns > end:
                 after.setdefault(label, []).append((ns - end) / 1e6)
                 continue
@@ -325,6 +329,9 @@ def analyse(marks: list[list[Any]]) -> dict[str, Any]:
             for k in order
         ],
         "after_end": [(k, statistics.median(v), len(v)) for k, v in after.items()],
+        "before_begin": sorted(
+            ((k, statistics.median(v), len(v)) for k, v in before.items()), key=lambda e: -e[1]
+        ),
         "faults": {k: statistics.median(v) for k, v in faults.items()},
     }
 
@@ -407,6 +414,8 @@ def print_breakdown(n: int, results: dict[str, dict[str, Any]]) -> None:
             f"\n{c}: timeline of one test (median ms to each mark from the previous one, and"
             " the minor faults its process took meanwhile)"
         )
+        for label, ms, seen in res["before_begin"]:
+            print(f"  -{ms:7.3f}  {label} (before the test's begin)  [{seen}]")
         for label, ms, seen, minflt in res["timeline"]:
             print(f"  {ms:8.3f}  {minflt:6.0f}  {label}  [{seen}]")
         for label, ms, seen in res["after_end"]:
@@ -558,6 +567,16 @@ def _install(probe: _Probe) -> None:
     probe.wrap(Engine, "collect", "collect begin", "collect end")
     probe.wrap(Container, "retire", "retire begin", "retire end")
     probe.wrap(session, "_run_in_container", None, "in-container part returned")
+    original_early = session._launch_early
+
+    def launch_early(*args: Any, **kwargs: Any) -> Any:
+        probe.test += 1  # its marks and its child's belong to the next test
+        try:
+            return original_early(*args, **kwargs)
+        finally:
+            probe.test -= 1
+
+    probe.patch(session, "_launch_early", launch_early)
 
     original_ready = launch._send_ready
 

@@ -265,8 +265,13 @@ def _launch(
     basetemp = _basetemp(item.config)
     container = engine.create(container_spec(tc, image), prepared=True)
     parent_end, child_end = socket.socketpair()
+    # Under xdist the process has an I/O thread; forking is safe here (the child never
+    # touches execnet), so Python 3.12's warning about it, raised in this process after the
+    # fork, is noise. The child leaves this filter as the parent does: the test has its own.
+    quiet_fork = warnings.catch_warnings()
 
     def target() -> None:
+        quiet_fork.__exit__(None, None, None)
         parent_end.close()
         if running is not None:
             running.sock.close()
@@ -277,9 +282,7 @@ def _launch(
         child.run_item(item, child_end, basetemp)
 
     try:
-        with warnings.catch_warnings():
-            # Under xdist the process has an I/O thread; forking is safe here (the child never
-            # touches execnet), so Python 3.12's warning about it is noise.
+        with quiet_fork:
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
             # Objects that exist now are never scanned by the child's garbage collector: fewer
             # copy-on-write page faults in the child, which is most of a test's cost there.

@@ -106,6 +106,9 @@ OUTPUT = """
 
     def test_warns():
         warnings.warn(UserWarning("careful inside the container"))
+        # The plugin silences Python's warning about forking a threaded process around its
+        # own fork: not in the test.
+        warnings.warn(DeprecationWarning("this kind of fork is deprecated"))
 """
 
 
@@ -115,7 +118,7 @@ def test_output_logging_and_warnings_reach_the_report(
 ) -> None:
     pytester.makepyfile(test_output=OUTPUT)
     result = runpytest("--isolate", "-rA")
-    result.assert_outcomes(passed=2, failed=1, warnings=1)
+    result.assert_outcomes(passed=2, failed=1, warnings=2)
     result.stdout.fnmatch_lines(
         [
             "*_ test_prints_then_fails _*",
@@ -140,6 +143,7 @@ def test_output_logging_and_warnings_reach_the_report(
             "*= warnings summary =*",
             "test_output.py::test_warns",
             "*test_output.py:*: UserWarning: careful inside the container",
+            "*test_output.py:*: DeprecationWarning: this kind of fork is deprecated",
         ]
     )
 
