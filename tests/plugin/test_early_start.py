@@ -153,3 +153,27 @@ def test_a_container_started_under_another_tests_warning_filters_is_not_used(
     result = runpytest("--isolate", "-v")
     result.assert_outcomes(passed=2, failed=1, warnings=1)
     result.stdout.fnmatch_lines(["*test_strict FAILED*", "*UserWarning: turned into an error*"])
+
+
+TIMEOUT_FROM_ITS_OWN_START = """
+    import time
+    import pytest
+
+    pytestmark = pytest.mark.container(timeout=1.0)
+
+    def test_first():
+        time.sleep(0.7)
+
+    def test_second():
+        # Its container was started 0.7 s before its turn: that is not the test's time.
+        time.sleep(0.7)
+"""
+
+
+@pytest.mark.rootless
+def test_a_timeout_counts_from_the_tests_turn_not_from_its_containers_start(
+    pytester: pytest.Pytester, runpytest: RunPytest
+) -> None:
+    pytester.makepyfile(test_timeout=TIMEOUT_FROM_ITS_OWN_START)
+    result = runpytest("--isolate")
+    result.assert_outcomes(passed=2)
