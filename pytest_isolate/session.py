@@ -5,7 +5,9 @@ For an isolated item the pytest process:
 1. sets up the item's parent nodes and every fixture of wider than function scope, here, as
    plain pytest would (so a session fixture is created once, not once per container);
 2. forks a child into a fresh container that runs setup/call/teardown of the item itself and
-   streams each report back (:mod:`pytest_isolate.child`);
+   streams each report back (:mod:`pytest_isolate.child`); that container is usually started
+   while the test before runs, and used if nothing it took from this process has changed
+   (:func:`_launch_early`);
 3. logs the reports through the normal hooks (terminal, junitxml, ``--lf``, ``-x``, xdist all see
    ordinary reports) and turns a dead or timed-out child into a clear failure;
 4. tears down wider scopes for the real next item, as plain pytest does.
@@ -197,8 +199,9 @@ def _run_in_container(
         engine.collect(batch=COLLECT_BATCH)
         deadline = None if tc.timeout is None else time.monotonic() + tc.timeout
         # The setup report's duration covers what plain pytest's would: the wider fixtures
-        # set up here, and the container's start (the price of isolation, shown honestly,
-        # even when it was paid while the previous test ran).
+        # set up here, and the container's start in this process (the price of isolation,
+        # shown honestly; for a container started early, its fork, made while the previous
+        # test ran, without the setup its child did meanwhile).
         extra = prepare_time + launch.duration
         _receive(item, launch.sock, outcome, deadline, launch.props, extra)
         if outcome.timed_out:
