@@ -159,14 +159,14 @@ TIMEOUT_FROM_ITS_OWN_START = """
     import time
     import pytest
 
-    pytestmark = pytest.mark.container(timeout=1.0)
+    pytestmark = pytest.mark.container(timeout=2.0)
 
     def test_first():
-        time.sleep(0.7)
+        time.sleep(1.2)
 
     def test_second():
-        # Its container was started 0.7 s before its turn: that is not the test's time.
-        time.sleep(0.7)
+        # Its container was started 1.2 s before its turn: that is not the test's time.
+        time.sleep(1.2)
 """
 
 
