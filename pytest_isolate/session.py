@@ -339,10 +339,12 @@ def _take_early(item: pytest.Item) -> Launch | None:
     ):
         try:
             launch.proc.wait_ready()
-        except Exception:  # started again the usual way, which reports what is wrong
-            pass
-        else:
-            return launch
+        except BaseException as e:
+            launch.end(exited=False)
+            if not isinstance(e, Exception):  # Ctrl-C: nothing is left behind
+                raise
+            return None  # started again the usual way, which reports what is wrong
+        return launch
     launch.end(exited=False)
     return None
 
